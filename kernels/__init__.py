@@ -1,0 +1,1 @@
+"""Triton kernels for sokd, installed as the subpackage `sokd.kernels`."""

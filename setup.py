@@ -1,0 +1,93 @@
+"""Builds the sokd package and, when torch is importable at build time, the sokd._C extension.
+
+The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/*.cpp). It gets the CUDA
+sources (csrc/cuda/*.cu) when torch is a CUDA build and nvcc is found; SOKD_CUDA=0 or
+SOKD_CUDA=1 forces either way.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+PACKAGES = ["sokd", "sokd.reference", "sokd.kernels"]
+PACKAGE_DIR = {"sokd.kernels": "kernels"}
+
+
+def _cuda_wanted(torch_cuda_version, cuda_home):
+    forced = os.environ.get("SOKD_CUDA")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced is not None:
+        raise SystemExit(f"SOKD_CUDA must be 0 or 1, got {forced!r}")
+    nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
+    return bool(torch_cuda_version) and bool(nvcc) and os.path.exists(nvcc)
+
+
+def _pip_nvidia_dirs():
+    """Include and lib folders of the nvidia/cu* pip packages installed beside torch. A toolkit
+    that holds only the compiler lacks library headers such as cusparse.h; these supply them."""
+    includes, libs = [], []
+    for entry in sys.path:
+        for root in sorted(glob.glob(os.path.join(entry, "nvidia", "*"))):
+            include, lib = os.path.join(root, "include"), os.path.join(root, "lib")
+            if os.path.isdir(include):
+                includes.append(include)
+            if os.path.isdir(lib):
+                libs.append(lib)
+    return includes, libs
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("sokd: torch is not importable at build time; installing without sokd._C "
+              "(the reference and Triton backends still work)", file=sys.stderr)
+        return [], {}
+
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not cpu_sources:
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    include_dirs = [os.path.join(here, "csrc")]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    library_dirs = []
+    extension_type = cpp_extension.CppExtension
+    sources = cpu_sources
+    macros = []
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+
+    if _cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME):
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        if cuda_sources:
+            extension_type = cpp_extension.CUDAExtension
+            sources = cpu_sources + cuda_sources
+            macros.append(("SOKD_WITH_CUDA", None))
+            extra_includes, extra_libs = _pip_nvidia_dirs()
+            include_dirs += extra_includes
+            library_dirs += extra_libs
+            if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+                # No GPU to detect at build time: compile for the data-centre GPUs we target.
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+    extension = extension_type(
+        name="sokd._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
+    )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [extension], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,22 @@
+"""sokd: Student-Oriented Knowledge Distillation (SoKD, ACM MM 2024) as fused PyTorch losses."""
+
+from . import ops
+from ._backend import available_backends, get_backend, set_backend
+from .head import HeadOutput, InterestHead
+from .loss import SoKDLoss, SoKDOutput
+from .policy import FeaturePolicy, PolicySample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeaturePolicy",
+    "HeadOutput",
+    "InterestHead",
+    "PolicySample",
+    "SoKDLoss",
+    "SoKDOutput",
+    "available_backends",
+    "get_backend",
+    "ops",
+    "set_backend",
+]

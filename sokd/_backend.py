@@ -1,0 +1,135 @@
+"""Backend registry and dispatch.
+
+A backend is a module that provides these five functions. They receive inputs that already
+passed `sokd.ops` validation:
+
+    masked_feature_loss(student, teacher, mask, normalize) -> scalar loss
+    kd_loss(student, teacher, temperature, weight) -> scalar loss
+    decoupled_kd_loss(student, teacher, class_mask, alpha, beta, temperature) -> scalar loss
+    interest_map(heat, wh, offset, k, kernel) -> (count_map, boxes, scores)
+    feature_augment(x, op_ids, values, draws) -> augmented map (no autograd needed)
+
+Losses are differentiable with respect to the student (and, for masked_feature_loss, the
+teacher). The loss is float32 for half and float32 inputs and float64 for float64 inputs.
+"""
+
+import importlib
+import os
+import threading
+import warnings
+
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map", "feature_augment")
+
+# For CUDA tensors under "auto": the first available backend in each op's list wins. The order
+# follows the GPU benchmark table in benchmarks/results/.
+AUTO_CUDA_PREFERENCE = {op: ("triton", "cuda") for op in OPS}
+
+_MODULES = {
+    "reference": "sokd.reference",
+    "cpu": "sokd.native",
+    "cuda": "sokd.native",
+    "triton": "sokd.kernels",
+}
+
+_lock = threading.Lock()
+_selected = None
+_load_errors = {}
+_warned_fallback = False
+
+
+def _validate_name(name):
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
+    return name
+
+
+def set_backend(name):
+    """Choose the implementation behind `sokd.ops`: auto, reference, cpu, cuda or triton.
+
+    `auto` picks the fastest native kernel for each tensor's device and falls back to the
+    reference (with one warning) when no native backend was built. A named backend that
+    cannot run raises an error when an op is called; it never falls back silently.
+    """
+    global _selected
+    _selected = _validate_name(name)
+
+
+def get_backend():
+    if _selected is not None:
+        return _selected
+    return _validate_name(os.environ.get("SOKD_BACKEND", "auto"))
+
+
+def _load(name):
+    """The backend's module, or None with the reason kept in _load_errors."""
+    with _lock:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as error:
+            _load_errors[name] = f"{_MODULES[name]} could not be imported ({error})"
+            return None
+        missing = [op for op in OPS if not hasattr(module, op)]
+        if missing:
+            _load_errors[name] = f"{_MODULES[name]} does not provide {', '.join(missing)}"
+            return None
+        supported = getattr(module, "supported_devices", lambda: ("cpu", "cuda"))()
+        device_type = "cuda" if name == "cuda" else "cpu" if name == "cpu" else None
+        if device_type is not None and device_type not in supported:
+            _load_errors[name] = f"sokd was built without {name} kernels"
+            return None
+        return module
+
+
+def available_backends():
+    """Names of the backends that can run in this installation (auto not included)."""
+    return [name for name in BACKEND_NAMES[1:] if _load(name) is not None]
+
+
+def _runs_on(name, device):
+    if name == "reference":
+        return True
+    if name == "triton":
+        return device.type == "cuda" or (
+            device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        )
+    return device.type == name
+
+
+def _fallback_to_reference(device, reason):
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"sokd: no native kernels for {device.type} tensors ({reason}); "
+            "using the slower pure-PyTorch reference",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _load("reference")
+
+
+def resolve(op, device):
+    """The backend module that runs `op` for tensors on `device`."""
+    name = get_backend()
+    if name == "auto":
+        candidates = AUTO_CUDA_PREFERENCE[op] if device.type == "cuda" else ("cpu",)
+        for candidate in candidates:
+            if _runs_on(candidate, device):
+                module = _load(candidate)
+                if module is not None:
+                    return module
+        reasons = "; ".join(_load_errors.get(c, f"{c} does not run here") for c in candidates)
+        return _fallback_to_reference(device, reasons)
+    if not _runs_on(name, device):
+        hint = " (set TRITON_INTERPRET=1 to run it on CPU tensors)" if name == "triton" else ""
+        raise ValueError(
+            f"backend {name!r} cannot run {op} on {device.type} tensors{hint}; "
+            "move the tensors or choose another backend with sokd.set_backend"
+        )
+    module = _load(name)
+    if module is None:
+        raise RuntimeError(f"backend {name!r} is not available: {_load_errors[name]}")
+    return module

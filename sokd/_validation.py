@@ -1,0 +1,89 @@
+"""Argument checks shared by every public op.
+
+Every backend receives inputs that passed these checks, so kernels never see a shape, dtype
+or device they were not written for.
+"""
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(value, name, ndim=None, shape_hint="", floating=True):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got {value.dtype}"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            wanted = " or ".join(f"{d}-D" for d in allowed)
+            hint = f" ({shape_hint})" if shape_hint else ""
+            raise ValueError(f"{name} must be {wanted}{hint}, got shape {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    return value
+
+
+def same_device(value, name, reference, reference_name):
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name} is on {value.device} but {reference_name} is on {reference.device}; "
+            "move them to one device"
+        )
+
+
+def same_dtype(value, name, reference, reference_name):
+    if value.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but {reference_name} has {reference.dtype}; "
+            "cast them to one dtype"
+        )
+
+
+def shape(value, name, expected, what):
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} must have shape {tuple(expected)} ({what}), got {tuple(value.shape)}"
+        )
+
+
+def positive_number(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def non_negative_number(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+def choice(value, name, options):
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def finite(value, name):
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf (raised because check_finite=True)")

@@ -1,0 +1,195 @@
+"""SoKDLoss: the whole SoKD objective of SPEC section 5 as one drop-in module."""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validation as check
+from . import ops
+from .head import InterestHead
+from .policy import FeaturePolicy
+
+MASK_MODES = ("student", "teacher", "mutual")
+LOGIT_LOSSES = ("none", "kd", "dkd", "masked")
+
+
+@dataclass
+class SoKDOutput:
+    total: torch.Tensor  # the scalar to backpropagate
+    components: dict = field(default_factory=dict)  # name -> detached scalar, for logging
+    weight_map: torch.Tensor = None  # N x H x W spatial weights used by the feature loss
+
+
+class SoKDLoss(nn.Module):
+    """Student-Oriented Knowledge Distillation loss.
+
+    L = w_feat * L_feat(W, s, t~) + w_dam * L_dam + w_logit * L_logit, where s is the student
+    feature after the connector, t~ the teacher feature after the learnable augmentation
+    policy (training mode only) and W the interest weight map of the shared DAM head.
+
+    Args:
+        student_channels, teacher_channels: channels of the two hint features.
+        connector: module mapping student to teacher channels; default conv1x1 + BatchNorm
+            when the channel counts differ, identity otherwise.
+        policy: a FeaturePolicy (default: all 36 pairs of the 9 primitives).
+        mask_mode: "mutual" (min of both count maps), "student" or "teacher".
+        logit_loss: "none", "kd", "dkd" (needs target) or "masked" (mutual class interest).
+        generator: torch.Generator for the policy sample and the augmentation draws.
+    """
+
+    def __init__(
+        self,
+        student_channels,
+        teacher_channels,
+        *,
+        connector=None,
+        policy=None,
+        heat_channels=1,
+        mask_mode="mutual",
+        logit_loss="none",
+        k=8,
+        kernel=3,
+        normalize="elements",
+        w_feat=1000.0,
+        w_dam=1000.0,
+        w_logit=1.0,
+        temperature=4.0,
+        alpha=1.0,
+        beta=8.0,
+        class_ratio=0.2,
+        mutual_classes=True,
+        generator=None,
+        check_finite=False,
+    ):
+        super().__init__()
+        student_channels = check.positive_int(student_channels, "student_channels")
+        teacher_channels = check.positive_int(teacher_channels, "teacher_channels")
+        if connector is None:
+            connector = (
+                nn.Identity()
+                if student_channels == teacher_channels
+                else nn.Sequential(
+                    nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
+                    nn.BatchNorm2d(teacher_channels),
+                )
+            )
+        if not isinstance(connector, nn.Module):
+            raise TypeError(f"connector must be an nn.Module, got {type(connector).__name__}")
+        if policy is not None and not isinstance(policy, FeaturePolicy):
+            raise TypeError(f"policy must be a FeaturePolicy, got {type(policy).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.connector = connector
+        self.policy = policy if policy is not None else FeaturePolicy()
+        self.head = InterestHead(teacher_channels, heat_channels)
+        self.teacher_channels = teacher_channels
+        self.mask_mode = check.choice(mask_mode, "mask_mode", MASK_MODES)
+        self.logit_loss = check.choice(logit_loss, "logit_loss", LOGIT_LOSSES)
+        self.k = check.positive_int(k, "k")
+        self.kernel = check.positive_int(kernel, "kernel")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd, got {kernel}")
+        self.normalize = check.choice(normalize, "normalize", ops.NORMALIZE_MODES)
+        self.w_feat = check.non_negative_number(w_feat, "w_feat")
+        self.w_dam = check.non_negative_number(w_dam, "w_dam")
+        self.w_logit = check.non_negative_number(w_logit, "w_logit")
+        self.temperature = check.positive_number(temperature, "temperature")
+        self.alpha = check.non_negative_number(alpha, "alpha")
+        self.beta = check.non_negative_number(beta, "beta")
+        if not 0 < class_ratio <= 1:
+            raise ValueError(f"class_ratio must be in (0, 1], got {class_ratio}")
+        self.class_ratio = float(class_ratio)
+        self.mutual_classes = bool(mutual_classes)
+        self.generator = generator
+        self.check_finite = bool(check_finite)
+
+    def teacher_view(self, teacher_feat, augment):
+        """The teacher map the student learns from: t~ when augmenting, else t (detached)."""
+        teacher = teacher_feat.detach()
+        if not augment:
+            return teacher
+        if not self.policy.sample_held:
+            self.policy.resample(self.generator)
+        return self.policy(teacher, self.generator)
+
+    def weight_map(self, student_head, teacher_head):
+        def count(head):
+            maps = head.heat.detach(), head.wh.detach(), head.offset.detach()
+            return ops.interest_map(*maps, k=self.k, kernel=self.kernel)[0]
+
+        if self.mask_mode == "student":
+            return count(student_head)
+        if self.mask_mode == "teacher":
+            return count(teacher_head)
+        return torch.minimum(count(student_head), count(teacher_head))
+
+    def forward(
+        self,
+        student_feat,
+        teacher_feat,
+        student_logits=None,
+        teacher_logits=None,
+        target=None,
+        *,
+        augment=None,
+    ):
+        """augment defaults to self.training: the policy is sampled and applied while
+        training, and the clean teacher feature is used in eval mode."""
+        check.tensor(student_feat, "student_feat", 4, "N x C x H x W")
+        check.tensor(teacher_feat, "teacher_feat", 4, "N x C x H x W")
+        check.same_device(teacher_feat, "teacher_feat", student_feat, "student_feat")
+        if self.check_finite:
+            check.finite(student_feat, "student_feat")
+            check.finite(teacher_feat, "teacher_feat")
+        student = self.connector(student_feat)
+        if student.shape != teacher_feat.shape:
+            raise ValueError(
+                f"student_feat after the connector has shape {tuple(student.shape)} but "
+                f"teacher_feat has {tuple(teacher_feat.shape)}; they must match"
+            )
+        augment = self.training if augment is None else bool(augment)
+        teacher = self.teacher_view(teacher_feat, augment).to(student.dtype)
+
+        student_head, teacher_head = self.head(student), self.head(teacher)
+        dam = F.mse_loss(
+            student_head.concatenated().float(), teacher_head.concatenated().float()
+        )
+        weights = self.weight_map(student_head, teacher_head)
+        feat = ops.masked_feature_loss(student, teacher, weights, self.normalize)
+        components = {"feat": feat, "dam": dam}
+        total = self.w_feat * feat + self.w_dam * dam
+        if self.logit_loss != "none":
+            logit = self._logit_loss(student_logits, teacher_logits, target, weights)
+            components["logit"] = logit
+            total = total + self.w_logit * logit
+        components = {name: value.detach() for name, value in components.items()}
+        components["total"] = total.detach()
+        return SoKDOutput(total, components, weights)
+
+    def _logit_loss(self, student_logits, teacher_logits, target, weights):
+        if student_logits is None or teacher_logits is None:
+            raise ValueError(
+                f"logit_loss={self.logit_loss!r} needs student_logits and teacher_logits"
+            )
+        check.tensor(teacher_logits, "teacher_logits", (2, 4), "N x K or dense N x K x H x W")
+        teacher_logits = teacher_logits.detach().to(student_logits.dtype)
+        if self.logit_loss == "kd":
+            row_weights = None
+            if student_logits.dim() == 4:
+                row_weights = F.interpolate(
+                    weights[:, None], size=student_logits.shape[2:], mode="nearest"
+                )[:, 0]
+            return ops.kd_loss(student_logits, teacher_logits, self.temperature, row_weights)
+        if self.logit_loss == "dkd":
+            if target is None:
+                raise ValueError("logit_loss='dkd' needs target (the class indices)")
+            return ops.dkd_loss(
+                student_logits, teacher_logits, target, self.alpha, self.beta, self.temperature
+            )
+        student_for_mask = student_logits if self.mutual_classes else None
+        class_mask = ops.top_class_mask(teacher_logits, student_for_mask, self.class_ratio)
+        return ops.decoupled_kd_loss(
+            student_logits, teacher_logits, class_mask, self.alpha, self.beta, self.temperature
+        )

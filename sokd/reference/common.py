@@ -1,0 +1,13 @@
+import torch
+
+
+def accumulation_dtype(dtype):
+    """Half types accumulate in float32; float64 stays float64 so gradcheck is exact."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logit_rows(logits):
+    """N x K stays as is; dense N x K x H x W becomes (N*H*W) x K, one row per position."""
+    if logits.dim() == 2:
+        return logits
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
