@@ -8,6 +8,7 @@ import torch
 from . import _validation as check
 from ._backend import resolve
 from .augment_ops import NUM_PRIMITIVES, draw_randomness, op_values
+from .reference.common import accumulation_dtype
 
 NORMALIZE_MODES = ("elements", "mask")
 
@@ -209,7 +210,7 @@ class _StraightThroughAugment(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_magnitudes = None
         if ctx.needs_input_grad[1]:
-            total = grad_output.sum(dtype=torch.float32)
+            total = grad_output.sum(dtype=accumulation_dtype(grad_output.dtype))
             grad_magnitudes = total.to(ctx.magnitude_dtype).expand(ctx.num_ops)
         return None, grad_magnitudes, None, None, None
 
