@@ -1,0 +1,78 @@
+"""Launch heuristics and tensor views shared by the Triton kernels.
+
+Block sizes come from these heuristics rather than from `triton.autotune`: a choice that
+depends only on the shape keeps every reduction's summation order fixed from one process to
+the next (the losses are bitwise reproducible), costs no tuning runs, and behaves the same
+under the Triton interpreter, where tuning every config would be very slow. The numbers target
+H100 and H200: 128-thread programs for tiles up to 2048 elements, more warps for larger
+tiles, and at least a few thousand programs in flight when the shape allows it.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Above this many elements per input tile the registers spill; longer rows are walked in
+# chunks of at most this size.
+MAX_TILE = 4096
+# Enough programs to fill the 132 SMs of an H100 or H200 several times over.
+TARGET_PROGRAMS = 1024
+
+
+def accumulator_type(dtype):
+    """float64 inputs accumulate in float64, every other floating type in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def loss_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_warps_for(tile_elements):
+    if tile_elements <= 2048:
+        return 4
+    if tile_elements <= 8192:
+        return 8
+    return 16
+
+
+def row_tile(classes, rows_per_image):
+    """(BLOCK_ROWS, BLOCK_CLASSES) for softmax rows: a whole row per tile when it fits
+    MAX_TILE, several short rows per tile, and chunks of MAX_TILE classes for long rows."""
+    block_classes = min(triton.next_power_of_2(classes), MAX_TILE)
+    block_rows = min(triton.next_power_of_2(rows_per_image), max(1, MAX_TILE // block_classes))
+    return block_rows, block_classes
+
+
+def image_rows(tensor):
+    """A 3-D view (images, classes, rows per image) of N x K logits or N x K x H x W maps.
+
+    N x K logits become one image of N rows (1, K, N); dense maps become (N, K, H*W). The
+    result is a view whenever the strides allow, so non-contiguous inputs are not copied.
+    """
+    if tensor.dim() == 2:
+        return tensor.t().unsqueeze(0)
+    n, k = tensor.shape[:2]
+    return tensor.reshape(n, k, -1)
+
+
+def per_row(weight, logits_dim):
+    """Row weights as a 2-D view (images, rows per image) matching `image_rows`."""
+    if logits_dim == 2:
+        return weight.unsqueeze(0)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def unscaled_gradient_like(view, compute_grad):
+    """The buffer for a saved gradient (same strides as `view` when it is dense), or an empty
+    placeholder when no gradient is wanted."""
+    if not compute_grad:
+        return view.new_empty(0)
+    return torch.empty_like(view)
+
+
+def from_image_rows(view, shape):
+    """Undo `image_rows`: the (images, classes, rows) view back in the logits' own shape."""
+    if len(shape) == 2:
+        return view[0].t()
+    return view.view(shape)
