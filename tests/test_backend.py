@@ -1,0 +1,72 @@
+"""Backend selection: names, the environment variable, auto fallback, and clear errors."""
+
+import warnings
+
+import pytest
+import torch
+
+import sokd
+from sokd import _backend, ops
+
+
+def kd_call():
+    return ops.kd_loss(torch.randn(3, 5), torch.randn(3, 5))
+
+
+def test_reference_is_always_available():
+    assert "reference" in sokd.available_backends()
+    assert "auto" not in sokd.available_backends()
+
+
+def test_environment_variable_selects_the_backend(monkeypatch):
+    monkeypatch.setattr(_backend, "_selected", None)
+    monkeypatch.setenv("SOKD_BACKEND", "reference")
+    assert sokd.get_backend() == "reference"
+    assert _backend.resolve("kd_loss", torch.device("cpu")) is sokd.reference
+
+
+def test_set_backend_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("SOKD_BACKEND", "reference")
+    sokd.set_backend("auto")
+    assert sokd.get_backend() == "auto"
+
+
+def test_named_backend_on_the_wrong_device_is_an_error():
+    sokd.set_backend("cuda")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run kd_loss on cpu tensors"):
+        kd_call()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sokd.set_backend("triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kd_call()
+
+
+def test_unavailable_named_backend_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.not_built_here")
+    sokd.set_backend("cpu")
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+        kd_call()
+    assert "cpu" not in sokd.available_backends()
+
+
+def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
+    monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.not_built_here")
+    monkeypatch.setattr(_backend, "_warned_fallback", False)
+    sokd.set_backend("auto")
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        loss = ops.kd_loss(s, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.kd_loss(s, t)
+    sokd.set_backend("reference")
+    torch.testing.assert_close(loss, ops.kd_loss(s, t))
+
+
+def test_module_missing_an_op_is_unavailable(monkeypatch):
+    monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.augment_ops")
+    assert _backend._load("cpu") is None
+    assert "does not provide" in _backend._load_errors["cpu"]
