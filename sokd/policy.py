@@ -2,6 +2,8 @@
 
 import contextlib
 import itertools
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -134,6 +136,50 @@ class FeaturePolicy(nn.Module):
         bits = sample.bits.to(theta.dtype)
         bernoulli = (bits * torch.log(theta) + (1 - bits) * torch.log1p(-theta)).sum()
         return bernoulli + torch.log_softmax(self.logits, dim=0)[sample.index]
+
+    def relax_gradients(self, objective, sample=None):
+        """The RELAX estimate (SPEC section 2) of the gradient of E[f] for the objective value
+        f observed at the hard sample (default: the active one).
+
+        For P and omega: g = (f - c(z~)) * grad log p(b, j*) + grad c(z) - grad c(z~), with
+        c = c_phi applied to the relaxed samples. For every parameter of c_phi: the gradient
+        of mean(g^2) over all entries of g_P and g_omega, which lowers the variance of g.
+
+        Returns a dict from parameter name (as in `named_parameters()`) to a detached
+        gradient; `magnitude` is absent, as M learns from the loss itself (straight-through).
+        The estimate is unbiased for any c_phi. Nothing is written to `.grad`.
+        """
+        sample = self._require_sample(sample)
+        if isinstance(objective, torch.Tensor):
+            if objective.numel() != 1:
+                raise ValueError(
+                    f"objective must be a scalar, got a tensor of shape {tuple(objective.shape)}"
+                )
+            objective = objective.detach().item()
+        if isinstance(objective, bool) or not isinstance(objective, numbers.Real):
+            raise TypeError(f"objective must be a real number, got {type(objective).__name__}")
+        if not math.isfinite(objective):
+            raise ValueError(f"objective must be finite, got {objective}")
+        relaxed = self.relaxed_samples(sample)
+        with torch.enable_grad():
+            c_soft = self.control_variate(self.control_variate_input(relaxed.z, relaxed.g))[0]
+            c_conditional = self.control_variate(
+                self.control_variate_input(relaxed.z_tilde, relaxed.g_tilde)
+            )[0]
+            sampling = (self.probability, self.logits)
+            score = torch.autograd.grad(self.log_prob(sample), sampling)
+            d_difference = torch.autograd.grad(c_soft - c_conditional, sampling, create_graph=True)
+            estimates = [
+                (objective - c_conditional) * s + dd for s, dd in zip(score, d_difference)
+            ]
+            variance = torch.cat([e.reshape(-1) for e in estimates]).square().mean()
+            cv_names, cv_params = zip(*self.control_variate.named_parameters())
+            cv_grads = torch.autograd.grad(variance, cv_params)
+        grads = {"probability": estimates[0].detach(), "logits": estimates[1].detach()}
+        grads.update(
+            (f"control_variate.{name}", grad) for name, grad in zip(cv_names, cv_grads)
+        )
+        return grads
 
     def _require_sample(self, sample):
         sample = sample if sample is not None else self.sample
