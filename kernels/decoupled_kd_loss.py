@@ -1,0 +1,271 @@
+"""Fused decoupled KD over a class set G (DKD and masked logit KD) and its gradient.
+
+For each row and each network the kernel keeps online softmax statistics of the classes in G
+and of those outside it, each against its own running maximum (a shared one could underflow a
+whole group). From them, with a = s/T and b = t/T:
+
+    TCKD = sum over the two groups j of P_t(j) * (log P_t(j) - log P_s(j))
+    NCKD = KL between the softmaxes of a and b restricted to the complement of G
+    d row / d s_c = T * (alpha * (p_s(c) - P_t(j) * q_s(c)) + beta * [c not in G] * (q_s(c) - q_t(c)))
+
+where j is the group of class c and q is the softmax within that group. A group that is empty
+contributes nothing. Rows, tiles, chunking, partial sums and the unscaled saved gradient work as
+in kd_loss.py; the temperature and the weights travel as float32 kernel arguments.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    accumulator_type,
+    from_image_rows,
+    image_rows,
+    loss_dtype,
+    num_warps_for,
+    row_tile,
+    unscaled_gradient_like,
+)
+from ._online_softmax import log_sum_exp, merge_chunk
+
+
+@triton.jit
+def _load_chunk(student_rows, teacher_rows, mask_rows, index, classes, student_stride_k,
+                teacher_stride_k, mask_stride_k, row_ok, temperature, ACC_TYPE):
+    """Student and teacher tiles divided by T (-inf past the row) and the class-set flags."""
+    valid = (index < classes)[None, :]
+    inside = row_ok[:, None] & valid
+    student = tl.load(student_rows + index[None, :] * student_stride_k, mask=inside, other=0)
+    teacher = tl.load(teacher_rows + index[None, :] * teacher_stride_k, mask=inside, other=0)
+    in_set = tl.load(mask_rows + index[None, :] * mask_stride_k, mask=inside, other=0) != 0
+    a = tl.where(valid, student.to(ACC_TYPE) / temperature, float("-inf"))
+    b = tl.where(valid, teacher.to(ACC_TYPE) / temperature, float("-inf"))
+    return a, b, in_set, valid & ~in_set
+
+
+@triton.jit
+def _fold_chunk(max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out,
+                sum_t_out, cross_out, a, b, in_set, out_set):
+    """Fold one chunk into the per-group statistics of both networks and into the NCKD sum
+    of exp(b - max_t_out) * (b - a) over the classes outside G."""
+    max_s_in, sum_s_in, _, _ = merge_chunk(max_s_in, sum_s_in, tl.where(in_set, a, float("-inf")))
+    max_s_out, sum_s_out, _, _ = merge_chunk(max_s_out, sum_s_out,
+                                             tl.where(out_set, a, float("-inf")))
+    max_t_in, sum_t_in, _, _ = merge_chunk(max_t_in, sum_t_in, tl.where(in_set, b, float("-inf")))
+    max_t_out, sum_t_out, rescale, shift = merge_chunk(max_t_out, sum_t_out,
+                                                       tl.where(out_set, b, float("-inf")))
+    cross_out = cross_out * rescale + tl.sum(
+        tl.where(out_set, tl.exp(b - shift[:, None]) * (b - a), 0.0), axis=1
+    )
+    return (max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out, sum_t_out,
+            cross_out)
+
+
+@triton.jit
+def _log_add_exp(x, y):
+    top = tl.maximum(x, y)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return shift + tl.log(tl.exp(x - shift) + tl.exp(y - shift))
+
+
+@triton.jit
+def _gradient(a, b, in_set, out_set, lse_s, lse_s_in, lse_s_out, lse_t_out, p_t_in, p_t_out,
+              alpha, beta, temperature):
+    group_lse = tl.where(in_set, lse_s_in[:, None], lse_s_out[:, None])
+    group_p_t = tl.where(in_set, p_t_in[:, None], p_t_out[:, None])
+    p_s = tl.exp(a - lse_s[:, None])
+    q_s = tl.exp(a - group_lse)
+    q_t = tl.exp(b - lse_t_out[:, None])
+    tckd = p_s - group_p_t * q_s
+    nckd = tl.where(out_set, q_s - q_t, 0.0)
+    return (alpha * tckd + beta * nckd) * temperature
+
+
+@triton.jit
+def _decoupled_kd_kernel(
+    student_ptr,
+    teacher_ptr,
+    mask_ptr,
+    grad_ptr,
+    partial_ptr,
+    classes,
+    rows,
+    row_blocks,
+    student_stride_n,
+    student_stride_k,
+    student_stride_r,
+    teacher_stride_n,
+    teacher_stride_k,
+    teacher_stride_r,
+    mask_stride_n,
+    mask_stride_k,
+    mask_stride_r,
+    grad_stride_n,
+    grad_stride_k,
+    grad_stride_r,
+    temperature,
+    alpha,
+    beta,
+    COMPUTE_GRAD: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    image = (block // row_blocks).to(tl.int64)
+    row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = row < rows
+    chunk = tl.arange(0, BLOCK_K)
+    student_rows = student_ptr + image * student_stride_n + row[:, None] * student_stride_r
+    teacher_rows = teacher_ptr + image * teacher_stride_n + row[:, None] * teacher_stride_r
+    mask_rows = mask_ptr + image * mask_stride_n + row[:, None] * mask_stride_r
+
+    max_s_in = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    max_s_out = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    max_t_in = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    max_t_out = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    sum_s_in = tl.zeros((BLOCK_R,), ACC_TYPE)
+    sum_s_out = tl.zeros((BLOCK_R,), ACC_TYPE)
+    sum_t_in = tl.zeros((BLOCK_R,), ACC_TYPE)
+    sum_t_out = tl.zeros((BLOCK_R,), ACC_TYPE)
+    cross_out = tl.zeros((BLOCK_R,), ACC_TYPE)
+    if SINGLE_CHUNK:
+        a, b, in_set, out_set = _load_chunk(student_rows, teacher_rows, mask_rows, chunk, classes,
+                                            student_stride_k, teacher_stride_k, mask_stride_k,
+                                            row_ok, temperature, ACC_TYPE)
+        (max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out, sum_t_out,
+         cross_out) = _fold_chunk(max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in,
+                                  max_t_out, sum_t_out, cross_out, a, b, in_set, out_set)
+    else:
+        for start in range(0, classes, BLOCK_K):
+            a, b, in_set, out_set = _load_chunk(student_rows, teacher_rows, mask_rows,
+                                                start + chunk, classes, student_stride_k,
+                                                teacher_stride_k, mask_stride_k, row_ok,
+                                                temperature, ACC_TYPE)
+            (max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out, sum_t_out,
+             cross_out) = _fold_chunk(max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in,
+                                      sum_t_in, max_t_out, sum_t_out, cross_out, a, b, in_set,
+                                      out_set)
+
+    lse_s_in = log_sum_exp(max_s_in, sum_s_in)
+    lse_s_out = log_sum_exp(max_s_out, sum_s_out)
+    lse_t_in = log_sum_exp(max_t_in, sum_t_in)
+    lse_t_out = log_sum_exp(max_t_out, sum_t_out)
+    lse_s = _log_add_exp(lse_s_in, lse_s_out)
+    lse_t = _log_add_exp(lse_t_in, lse_t_out)
+    has_in = sum_s_in > 0
+    has_out = sum_s_out > 0
+    log_p_t_in = lse_t_in - lse_t
+    log_p_t_out = lse_t_out - lse_t
+    p_t_in = tl.exp(log_p_t_in)
+    p_t_out = tl.exp(log_p_t_out)
+    tckd = tl.where(has_in, p_t_in * (log_p_t_in - (lse_s_in - lse_s)), 0.0) + tl.where(
+        has_out, p_t_out * (log_p_t_out - (lse_s_out - lse_s)), 0.0
+    )
+    safe_sum_t_out = tl.where(has_out, sum_t_out, 1.0)
+    nckd = tl.where(has_out, cross_out / safe_sum_t_out + lse_s_out - lse_t_out, 0.0)
+    row_loss = tl.where(row_ok, alpha * tckd + beta * nckd, 0.0) * (temperature * temperature)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(row_loss, axis=0))
+
+    if COMPUTE_GRAD:
+        grad_rows = grad_ptr + image * grad_stride_n + row[:, None] * grad_stride_r
+        if SINGLE_CHUNK:
+            grad = _gradient(a, b, in_set, out_set, lse_s, lse_s_in, lse_s_out, lse_t_out,
+                             p_t_in, p_t_out, alpha, beta, temperature)
+            tl.store(grad_rows + chunk[None, :] * grad_stride_k, grad.to(grad_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (chunk < classes)[None, :])
+        else:
+            for start in range(0, classes, BLOCK_K):
+                index = start + chunk
+                a, b, in_set, out_set = _load_chunk(student_rows, teacher_rows, mask_rows, index,
+                                                    classes, student_stride_k, teacher_stride_k,
+                                                    mask_stride_k, row_ok, temperature, ACC_TYPE)
+                grad = _gradient(a, b, in_set, out_set, lse_s, lse_s_in, lse_s_out, lse_t_out,
+                                 p_t_in, p_t_out, alpha, beta, temperature)
+                tl.store(grad_rows + index[None, :] * grad_stride_k,
+                         grad.to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & (index < classes)[None, :])
+
+
+@triton_op("sokd_triton::decoupled_kd_loss", mutates_args=())
+def _decoupled_kd_loss_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    class_mask: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, unscaled student gradient, 1 / rows) for decoupled KD over class_mask."""
+    student_rows = image_rows(student)
+    teacher_rows = image_rows(teacher)
+    mask_rows = image_rows(class_mask)
+    images, classes, rows = student_rows.shape
+    grad_rows = unscaled_gradient_like(student_rows, compute_grad)
+
+    block_r, block_k = row_tile(classes, rows)
+    row_blocks = triton.cdiv(rows, block_r)
+    programs = images * row_blocks
+    acc_dtype = loss_dtype(student.dtype)
+    partials = student.new_empty(programs, dtype=acc_dtype)
+    wrap_triton(_decoupled_kd_kernel)[(programs,)](
+        student_rows,
+        teacher_rows,
+        mask_rows,
+        grad_rows,
+        partials,
+        classes,
+        rows,
+        row_blocks,
+        *student_rows.stride(),
+        *teacher_rows.stride(),
+        *mask_rows.stride(),
+        *(grad_rows.stride() if compute_grad else (0, 0, 0)),
+        temperature,
+        alpha,
+        beta,
+        COMPUTE_GRAD=compute_grad,
+        ACC_TYPE=accumulator_type(student.dtype),
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        SINGLE_CHUNK=classes <= block_k,
+        num_warps=num_warps_for(block_r * block_k),
+    )
+    scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student.device)
+    grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows
+    return partials.sum() * scale, grad, scale
+
+
+@_decoupled_kd_loss_op.register_fake
+def _(student, teacher, class_mask, alpha, beta, temperature, compute_grad):
+    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
+    # is also what keeps torch.compile working under the Triton interpreter.
+    acc_dtype = loss_dtype(student.dtype)
+    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, unscaled_grad, scale = output
+    ctx.mark_non_differentiable(unscaled_grad, scale)
+    ctx.save_for_backward(unscaled_grad, scale)
+
+
+def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
+    unscaled_grad, scale = ctx.saved_tensors
+    return unscaled_grad * (grad_loss * scale), None, None, None, None, None, None
+
+
+_decoupled_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def decoupled_kd_loss(student, teacher, class_mask, alpha, beta, temperature):
+    """Backend entry point (see sokd/_backend.py): the loss, differentiable in the student."""
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _, _ = _decoupled_kd_loss_op(
+        student, teacher.detach(), class_mask, alpha, beta, temperature, compute_grad
+    )
+    return loss

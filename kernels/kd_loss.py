@@ -1,0 +1,223 @@
+"""Fused temperature KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row and its gradient.
+
+Rows are N x K logits or the positions of dense N x K x H x W maps (classes on dim 1); both are
+seen as (images, classes, rows per image), so one kernel covers them with a (rows x classes)
+tile whose contiguous side follows the memory layout. A row that fits one tile is read once and
+its gradient T * w * (softmax(s/T) - softmax(t/T)) written from registers. Longer rows (K up to
+128k) take two passes over their chunks: online softmax statistics, then the gradient.
+
+Per-program partial sums are added by torch in a fixed order (deterministic). The gradient is
+saved unscaled; backward multiplies it by grad_output / (rows or the weight sum).
+
+The temperature travels as a float32 kernel argument; float64 inputs otherwise compute in
+float64.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import (
+    accumulator_type,
+    from_image_rows,
+    image_rows,
+    loss_dtype,
+    num_warps_for,
+    per_row,
+    row_tile,
+    unscaled_gradient_like,
+)
+from ._online_softmax import log_sum_exp, merge_chunk
+
+
+@triton.jit
+def _load_scaled(rows_ptr, classes_index, stride_k, valid, row_ok, temperature, ACC_TYPE):
+    """A (rows x classes) tile divided by T, with -inf outside the row."""
+    values = tl.load(
+        rows_ptr + classes_index[None, :] * stride_k, mask=row_ok[:, None] & valid, other=0
+    )
+    return tl.where(valid, values.to(ACC_TYPE) / temperature, float("-inf"))
+
+
+@triton.jit
+def _kd_kernel(
+    student_ptr,
+    teacher_ptr,
+    weight_ptr,
+    grad_ptr,
+    partial_ptr,
+    classes,
+    rows,
+    row_blocks,
+    student_stride_n,
+    student_stride_k,
+    student_stride_r,
+    teacher_stride_n,
+    teacher_stride_k,
+    teacher_stride_r,
+    weight_stride_n,
+    weight_stride_r,
+    grad_stride_n,
+    grad_stride_k,
+    grad_stride_r,
+    temperature,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    image = (block // row_blocks).to(tl.int64)
+    row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = row < rows
+    chunk = tl.arange(0, BLOCK_K)
+    student_rows = student_ptr + image * student_stride_n + row[:, None] * student_stride_r
+    teacher_rows = teacher_ptr + image * teacher_stride_n + row[:, None] * teacher_stride_r
+
+    max_s = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    max_t = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    sum_s = tl.zeros((BLOCK_R,), ACC_TYPE)
+    sum_t = tl.zeros((BLOCK_R,), ACC_TYPE)
+    # sum over classes of exp(t - max_t) * (t - s): the teacher-weighted log-ratio.
+    cross = tl.zeros((BLOCK_R,), ACC_TYPE)
+    if SINGLE_CHUNK:
+        valid = (chunk < classes)[None, :]
+        a = _load_scaled(student_rows, chunk, student_stride_k, valid, row_ok, temperature, ACC_TYPE)
+        b = _load_scaled(teacher_rows, chunk, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE)
+        max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
+        max_t, sum_t, _, shift_t = merge_chunk(max_t, sum_t, b)
+        cross = tl.sum(tl.where(valid, tl.exp(b - shift_t[:, None]) * (b - a), 0.0), axis=1)
+    else:
+        for start in range(0, classes, BLOCK_K):
+            index = start + chunk
+            valid = (index < classes)[None, :]
+            a = _load_scaled(student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE)
+            b = _load_scaled(teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE)
+            max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
+            max_t, sum_t, rescale_t, shift_t = merge_chunk(max_t, sum_t, b)
+            cross = cross * rescale_t + tl.sum(
+                tl.where(valid, tl.exp(b - shift_t[:, None]) * (b - a), 0.0), axis=1
+            )
+    lse_s = log_sum_exp(max_s, sum_s)
+    lse_t = log_sum_exp(max_t, sum_t)
+    kl = cross / sum_t + lse_s - lse_t
+
+    if HAS_WEIGHT:
+        weight = tl.load(
+            weight_ptr + image * weight_stride_n + row * weight_stride_r, mask=row_ok, other=0
+        ).to(ACC_TYPE)
+    else:
+        weight = tl.where(row_ok, 1.0, 0.0).to(ACC_TYPE)
+    row_loss = tl.where(row_ok, kl * weight, 0.0) * (temperature * temperature)
+    program = tl.program_id(0)
+    tl.store(partial_ptr + program, tl.sum(row_loss, axis=0))
+    if HAS_WEIGHT:
+        tl.store(partial_ptr + tl.num_programs(0) + program, tl.sum(weight, axis=0))
+
+    if COMPUTE_GRAD:
+        factor = (weight * temperature)[:, None]
+        grad_rows = grad_ptr + image * grad_stride_n + row[:, None] * grad_stride_r
+        if SINGLE_CHUNK:
+            grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
+            tl.store(
+                grad_rows + chunk[None, :] * grad_stride_k,
+                grad.to(grad_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & valid,
+            )
+        else:
+            for start in range(0, classes, BLOCK_K):
+                index = start + chunk
+                valid = (index < classes)[None, :]
+                a = _load_scaled(student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE)
+                b = _load_scaled(teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE)
+                grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
+                tl.store(
+                    grad_rows + index[None, :] * grad_stride_k,
+                    grad.to(grad_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & valid,
+                )
+
+
+@triton_op("sokd_triton::kd_loss", mutates_args=())
+def _kd_loss_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    weight: torch.Tensor | None,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, unscaled student gradient, the scale that normalises it) for temperature KD."""
+    student_rows = image_rows(student)
+    teacher_rows = image_rows(teacher)
+    images, classes, rows = student_rows.shape
+    weight_rows = per_row(weight, student.dim()) if weight is not None else None
+    grad_rows = unscaled_gradient_like(student_rows, compute_grad)
+
+    block_r, block_k = row_tile(classes, rows)
+    row_blocks = triton.cdiv(rows, block_r)
+    programs = images * row_blocks
+    acc_dtype = loss_dtype(student.dtype)
+    partials = student.new_empty(programs * (2 if weight is not None else 1), dtype=acc_dtype)
+    wrap_triton(_kd_kernel)[(programs,)](
+        student_rows,
+        teacher_rows,
+        weight_rows,
+        grad_rows,
+        partials,
+        classes,
+        rows,
+        row_blocks,
+        *student_rows.stride(),
+        *teacher_rows.stride(),
+        *(weight_rows.stride() if weight is not None else (0, 0)),
+        *(grad_rows.stride() if compute_grad else (0, 0, 0)),
+        temperature,
+        HAS_WEIGHT=weight is not None,
+        COMPUTE_GRAD=compute_grad,
+        ACC_TYPE=accumulator_type(student.dtype),
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        SINGLE_CHUNK=classes <= block_k,
+        num_warps=num_warps_for(block_r * block_k),
+    )
+    if weight is not None:
+        weight_total = partials[programs:].sum()
+        nonzero = weight_total != 0
+        scale = torch.where(nonzero, 1 / torch.where(nonzero, weight_total, 1), 0)
+    else:
+        scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student.device)
+    grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows
+    return partials[:programs].sum() * scale, grad, scale
+
+
+@_kd_loss_op.register_fake
+def _(student, teacher, temperature, weight, compute_grad):
+    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
+    # is also what keeps torch.compile working under the Triton interpreter.
+    acc_dtype = loss_dtype(student.dtype)
+    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, unscaled_grad, scale = output
+    ctx.mark_non_differentiable(unscaled_grad, scale)
+    ctx.save_for_backward(unscaled_grad, scale)
+
+
+def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
+    unscaled_grad, scale = ctx.saved_tensors
+    return unscaled_grad * (grad_loss * scale), None, None, None, None
+
+
+_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kd_loss(student, teacher, temperature, weight):
+    """Backend entry point (see sokd/_backend.py): the loss, differentiable in the student."""
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _, _ = _kd_loss_op(student, teacher.detach(), temperature, weight, compute_grad)
+    return loss
