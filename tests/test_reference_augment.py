@@ -13,7 +13,7 @@ from sokd.augment_ops import draw_randomness
 
 AFFINE = [0, 1, 2, 3, 4]
 # Mapped magnitudes are float32 on every backend, so float64 maps agree to float32 precision.
-MAGNITUDE_TOL = dict(rtol=1e-5, atol=1e-6)
+MAGNITUDE_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(autouse=True)

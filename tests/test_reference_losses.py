@@ -188,7 +188,9 @@ class TestDecoupledKD:
     def test_dense_dkd(self):
         s, t = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
         target = torch.randint(0, 5, (2, 3, 3))
-        rows = lambda x: x.permute(0, 2, 3, 1).reshape(-1, 5)  # noqa: E731
+        def rows(x):
+            return x.permute(0, 2, 3, 1).reshape(-1, 5)
+
         expected = ops.dkd_loss(rows(s), rows(t), target.reshape(-1))
         torch.testing.assert_close(ops.dkd_loss(s, t, target), expected)
 
