@@ -1,0 +1,265 @@
+"""DAM peak decoding (SPEC section 4) in three small kernels.
+
+1. Candidates: each program takes a chunk of one image's heat_channels x H x W values, keeps
+   the local maxima of its kernel x kernel window (others become 0, as in the reference) and
+   picks the chunk's own top k.
+2. Decode: one program per image picks the top k among the chunks' candidates and turns each
+   peak into a box with the reference's clamps.
+3. Count map: every position counts the boxes that cover it.
+
+The order used for top-k is "larger value first, then lower flat index", which is exactly a
+stable descending sort. Selection walks that order: the next pick is the best candidate that
+comes after the previous pick, so nothing has to be marked as taken. Everything is computed in
+the accumulation type of the reference, so the outputs are equal, not just close.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import accumulator_type, num_warps_for
+
+# A flat index past every real one marks an unused candidate slot.
+_NO_INDEX = tl.constexpr(2**62)
+
+
+@triton.jit
+def _next_in_order(values, index, eligible, prev_value, prev_index):
+    """The best (value, index) that comes after (prev_value, prev_index) in the order
+    'larger value first, then lower index', among the eligible entries of a 1-D block."""
+    after = (values < prev_value) | ((values == prev_value) & (index > prev_index))
+    candidate = eligible & after
+    best = tl.max(tl.where(candidate, values, float("-inf")), axis=0)
+    best_index = tl.min(tl.where(candidate & (values == best), index, _NO_INDEX), axis=0)
+    return best, best_index
+
+
+@triton.jit
+def _candidates_kernel(
+    heat_ptr,
+    value_ptr,
+    index_ptr,
+    k,
+    channels,
+    height,
+    width,
+    heat_stride_n,
+    heat_stride_c,
+    heat_stride_h,
+    heat_stride_w,
+    KERNEL: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    K_SLOTS: tl.constexpr,
+):
+    image = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    flat = chunk * BLOCK + tl.arange(0, BLOCK)
+    plane = height * width
+    in_map = flat < channels * plane
+    channel = flat // plane
+    y = (flat % plane) // width
+    x = flat % width
+    base = heat_ptr + image * heat_stride_n + channel * heat_stride_c
+    value = tl.load(base + y * heat_stride_h + x * heat_stride_w, mask=in_map, other=0).to(ACC_TYPE)
+    pooled = tl.full((BLOCK,), float("-inf"), ACC_TYPE)
+    for dy in tl.static_range(KERNEL):
+        for dx in tl.static_range(KERNEL):
+            ny = y + (dy - (KERNEL - 1) // 2)
+            nx = x + (dx - (KERNEL - 1) // 2)
+            inside = in_map & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+            neighbour = tl.load(base + ny * heat_stride_h + nx * heat_stride_w, mask=inside,
+                                other=float("-inf")).to(ACC_TYPE)
+            pooled = tl.maximum(pooled, neighbour)
+    peak = tl.where(value == pooled, value, 0.0)
+
+    slot_base = (image * tl.num_programs(1) + chunk) * K_SLOTS
+    best = tl.full((), float("inf"), ACC_TYPE)
+    best_index = tl.full((), -1, tl.int64)
+    for slot in range(k):
+        best, best_index = _next_in_order(peak, flat.to(tl.int64), in_map, best, best_index)
+        tl.store(value_ptr + slot_base + slot, best)
+        tl.store(index_ptr + slot_base + slot, best_index)
+
+
+@triton.jit
+def _decode_kernel(
+    value_ptr,
+    index_ptr,
+    wh_ptr,
+    offset_ptr,
+    boxes_ptr,
+    scores_ptr,
+    k,
+    candidates,
+    height,
+    width,
+    wh_stride_n,
+    wh_stride_c,
+    wh_stride_h,
+    wh_stride_w,
+    offset_stride_n,
+    offset_stride_c,
+    offset_stride_h,
+    offset_stride_w,
+    ACC_TYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    image = tl.program_id(0).to(tl.int64)
+    candidate_base = image * candidates
+    lane = tl.arange(0, BLOCK)
+    best = tl.full((), float("inf"), ACC_TYPE)
+    best_index = tl.full((), -1, tl.int64)
+    for pick in range(k):
+        pick_value = tl.full((), float("-inf"), ACC_TYPE)
+        pick_index = tl.full((), _NO_INDEX, tl.int64)
+        for start in range(0, candidates, BLOCK):
+            slot = start + lane
+            present = slot < candidates
+            values = tl.load(value_ptr + candidate_base + slot, mask=present, other=float("-inf"))
+            index = tl.load(index_ptr + candidate_base + slot, mask=present, other=_NO_INDEX)
+            block_value, block_index = _next_in_order(values, index, present, best, best_index)
+            better = (block_value > pick_value) | (
+                (block_value == pick_value) & (block_index < pick_index)
+            )
+            pick_value = tl.where(better, block_value, pick_value)
+            pick_index = tl.where(better, block_index, pick_index)
+        best = pick_value
+        best_index = pick_index
+
+        position = best_index % (height * width)
+        y = position // width
+        x = position % width
+        wh_at = wh_ptr + image * wh_stride_n + y * wh_stride_h + x * wh_stride_w
+        offset_at = offset_ptr + image * offset_stride_n + y * offset_stride_h + x * offset_stride_w
+        centre_x = x.to(ACC_TYPE) + tl.load(offset_at).to(ACC_TYPE)
+        centre_y = y.to(ACC_TYPE) + tl.load(offset_at + offset_stride_c).to(ACC_TYPE)
+        half_w = tl.load(wh_at).to(ACC_TYPE) / 2
+        half_h = tl.load(wh_at + wh_stride_c).to(ACC_TYPE) / 2
+        # The reference's clamps: past the map (W, -1) so coverage is as SPEC defines it,
+        # and bounded so that huge centres cannot overflow the integer conversion.
+        x1 = tl.minimum(tl.maximum(centre_x - half_w, 0.0), width * 1.0)
+        y1 = tl.minimum(tl.maximum(centre_y - half_h, 0.0), height * 1.0)
+        x2 = tl.minimum(tl.maximum(centre_x + half_w, -1.0), (width - 1) * 1.0)
+        y2 = tl.minimum(tl.maximum(centre_y + half_h, -1.0), (height - 1) * 1.0)
+        box = boxes_ptr + (image * k + pick) * 4
+        tl.store(box, x1.to(tl.int64))
+        tl.store(box + 1, y1.to(tl.int64))
+        tl.store(box + 2, x2.to(tl.int64))
+        tl.store(box + 3, y2.to(tl.int64))
+        tl.store(scores_ptr + image * k + pick, best.to(scores_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _count_kernel(
+    boxes_ptr,
+    count_ptr,
+    k,
+    height,
+    width,
+    BLOCK_P: tl.constexpr,
+    BLOCK_BOXES: tl.constexpr,
+):
+    image = tl.program_id(0).to(tl.int64)
+    position = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_map = position < height * width
+    y = (position // width)[:, None]
+    x = (position % width)[:, None]
+    count = tl.zeros((BLOCK_P,), tl.float32)
+    for start in range(0, k, BLOCK_BOXES):
+        box_id = start + tl.arange(0, BLOCK_BOXES)
+        present = box_id < k
+        box = boxes_ptr + (image * k + box_id) * 4
+        x1 = tl.load(box, mask=present, other=1)[None, :]
+        y1 = tl.load(box + 1, mask=present, other=1)[None, :]
+        x2 = tl.load(box + 2, mask=present, other=0)[None, :]
+        y2 = tl.load(box + 3, mask=present, other=0)[None, :]
+        covers = (x >= x1) & (x <= x2) & (y >= y1) & (y <= y2)
+        count += tl.sum(covers.to(tl.float32), axis=1)
+    tl.store(count_ptr + image * height * width + position, count, mask=in_map)
+
+
+def _chunk_size(k):
+    return max(1024, triton.next_power_of_2(k))
+
+
+@triton_op("sokd_triton::interest_map", mutates_args=())
+def _interest_map_op(
+    heat: torch.Tensor, wh: torch.Tensor, offset: torch.Tensor, k: int, kernel: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, channels, height, width = heat.shape
+    acc_type = accumulator_type(heat.dtype)
+    values_dtype = torch.float64 if heat.dtype == torch.float64 else torch.float32
+    chunk = min(_chunk_size(k), triton.next_power_of_2(channels * height * width))
+    chunks = triton.cdiv(channels * height * width, chunk)
+    candidate_values = heat.new_empty((images, chunks, k), dtype=values_dtype)
+    candidate_index = heat.new_empty((images, chunks, k), dtype=torch.int64)
+    wrap_triton(_candidates_kernel)[(images, chunks)](
+        heat,
+        candidate_values,
+        candidate_index,
+        k,
+        channels,
+        height,
+        width,
+        *heat.stride(),
+        KERNEL=kernel,
+        ACC_TYPE=acc_type,
+        BLOCK=chunk,
+        K_SLOTS=k,
+        num_warps=num_warps_for(chunk),
+    )
+
+    boxes = heat.new_empty((images, k, 4), dtype=torch.int64)
+    scores = heat.new_empty((images, k))
+    candidate_block = min(triton.next_power_of_2(chunks * k), 4096)
+    wrap_triton(_decode_kernel)[(images,)](
+        candidate_values,
+        candidate_index,
+        wh,
+        offset,
+        boxes,
+        scores,
+        k,
+        chunks * k,
+        height,
+        width,
+        *wh.stride(),
+        *offset.stride(),
+        ACC_TYPE=acc_type,
+        BLOCK=candidate_block,
+        num_warps=num_warps_for(candidate_block),
+    )
+
+    count = heat.new_empty((images, height, width), dtype=torch.float32)
+    block_p = min(triton.next_power_of_2(height * width), 256)
+    block_boxes = min(triton.next_power_of_2(k), 16)
+    wrap_triton(_count_kernel)[(images, triton.cdiv(height * width, block_p))](
+        boxes,
+        count,
+        k,
+        height,
+        width,
+        BLOCK_P=block_p,
+        BLOCK_BOXES=block_boxes,
+        num_warps=num_warps_for(block_p * block_boxes),
+    )
+    return count, boxes, scores
+
+
+@_interest_map_op.register_fake
+def _(heat, wh, offset, k, kernel):
+    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launches, which
+    # is also what keeps torch.compile working under the Triton interpreter.
+    images, _, height, width = heat.shape
+    return (
+        heat.new_empty((images, height, width), dtype=torch.float32),
+        heat.new_empty((images, k, 4), dtype=torch.int64),
+        heat.new_empty((images, k)),
+    )
+
+
+def interest_map(heat, wh, offset, k, kernel):
+    """Backend entry point (see sokd/_backend.py): (count_map, boxes, scores), no gradient."""
+    return _interest_map_op(heat.detach(), wh.detach(), offset.detach(), k, kernel)
