@@ -5,6 +5,7 @@ from ._backend import available_backends, get_backend, set_backend
 from .head import HeadOutput, InterestHead
 from .loss import SoKDLoss, SoKDOutput
 from .policy import FeaturePolicy, PolicySample
+from .search import PolicySearch
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "HeadOutput",
     "InterestHead",
     "PolicySample",
+    "PolicySearch",
     "SoKDLoss",
     "SoKDOutput",
     "available_backends",
