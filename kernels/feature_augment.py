@@ -1,0 +1,280 @@
+"""Feature augmentation (SPEC section 1): a pair of primitive ops applied in one kernel.
+
+Each output element is evaluated from the outside in. The second op says where it reads the
+first op's output (four bilinear taps for an affine op, one tap for the others, a different
+channel for a shuffle), and the first op's output at each of those points is computed on the
+spot from the input. No intermediate map is stored, and two affine ops compose exactly as
+bilinear-of-bilinear reads, the same as the reference's two grid_samples (align_corners=False,
+zero padding): a tap of the second op that falls outside the map reads zero.
+
+Cutout centres, channel permutations and drop uniforms arrive as tensors, so every backend
+gives the same output for the same draws. Gaussian noise comes from Triton's counter-based
+Philox stream keyed by (seed, flat index of the map the noise is added to), so it is never
+stored and reproducible under a seed, though not equal to the reference's torch.randn.
+
+Sequences longer than two ops (the policy only uses pairs) run as consecutive pairs, with the
+intermediate maps kept in the accumulation type as the reference does.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from sokd.augment_ops import (
+    AFFINE_OPS,
+    CHANNEL_DROP,
+    CHANNEL_SHUFFLE,
+    CUTOUT,
+    NOISE,
+    affine_matrix,
+)
+
+from ._common import accumulator_type, num_warps_for
+
+NO_OP = -1
+# One row of op parameters: the mapped magnitude v, then the 2 x 3 affine theta.
+_PARAMS_PER_OP = 7
+_PARAMS_PER_OP_CONST = tl.constexpr(_PARAMS_PER_OP)
+
+_CUTOUT = tl.constexpr(CUTOUT)
+_NOISE = tl.constexpr(NOISE)
+_SHUFFLE = tl.constexpr(CHANNEL_SHUFFLE)
+_DROP = tl.constexpr(CHANNEL_DROP)
+
+
+@triton.jit
+def _source_point(params_ptr, y, x, height, width, ACC_TYPE: tl.constexpr):
+    """Where an affine op's output pixel (y, x) reads its input, in pixel coordinates:
+    affine_grid followed by grid_sample's unnormalisation, both with align_corners=False."""
+    theta_xx = tl.load(params_ptr + 1).to(ACC_TYPE)
+    theta_xy = tl.load(params_ptr + 2).to(ACC_TYPE)
+    theta_x = tl.load(params_ptr + 3).to(ACC_TYPE)
+    theta_yx = tl.load(params_ptr + 4).to(ACC_TYPE)
+    theta_yy = tl.load(params_ptr + 5).to(ACC_TYPE)
+    theta_y = tl.load(params_ptr + 6).to(ACC_TYPE)
+    norm_x = (2 * x.to(ACC_TYPE) + 1) / width - 1
+    norm_y = (2 * y.to(ACC_TYPE) + 1) / height - 1
+    grid_x = theta_xx * norm_x + theta_xy * norm_y + theta_x
+    grid_y = theta_yx * norm_x + theta_yy * norm_y + theta_y
+    return ((grid_y + 1) * height - 1) / 2, ((grid_x + 1) * width - 1) / 2
+
+
+@triton.jit
+def _bilinear_tap(source_y, source_x, corner: tl.constexpr):
+    """Corner `corner` (0..3, row-major) of the bilinear stencil around a source point: its
+    integer position and its weight."""
+    top = tl.floor(source_y)
+    left = tl.floor(source_x)
+    below = source_y - top
+    right = source_x - left
+    weight_y = below if corner // 2 == 1 else 1 - below
+    weight_x = right if corner % 2 == 1 else 1 - right
+    return top.to(tl.int32) + corner // 2, left.to(tl.int32) + corner % 2, weight_y * weight_x
+
+
+@triton.jit
+def _in_cutout(draw_ptr, value, image, y, x, height, width):
+    """Whether (y, x) of sample `image` lies in its cutout box of floor(v*H) x floor(v*W)."""
+    box_h = tl.floor(value * height)
+    box_w = tl.floor(value * width)
+    top = tl.load(draw_ptr + image * 2).to(tl.float32) - tl.floor(box_h / 2)
+    left = tl.load(draw_ptr + image * 2 + 1).to(tl.float32) - tl.floor(box_w / 2)
+    row = y.to(tl.float32)
+    col = x.to(tl.float32)
+    return (row >= top) & (row < top + box_h) & (col >= left) & (col < left + box_w)
+
+
+@triton.jit
+def _first_op(
+    x_ptr, stride_n, stride_c, stride_h, stride_w, image, channel, y, x, ok,
+    channels, height, width, params_ptr, draw_ptr, seed,
+    OP: tl.constexpr, AFFINE: tl.constexpr, ACC_TYPE: tl.constexpr,
+):
+    """The first op's output at (image, channel, y, x); 0 where `ok` is false (outside the map)."""
+    base = x_ptr + image * stride_n
+    if AFFINE:
+        source_y, source_x = _source_point(params_ptr, y, x, height, width, ACC_TYPE)
+        value = tl.zeros(y.shape, ACC_TYPE)
+        for corner in tl.static_range(4):
+            tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
+            inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
+            tap = tl.load(base + channel * stride_c + tap_y * stride_h + tap_x * stride_w,
+                          mask=inside, other=0).to(ACC_TYPE)
+            value += weight * tap
+    else:
+        value = _pointwise_first_op(base, stride_c, stride_h, stride_w, image, channel, y, x, ok,
+                                    channels, height, width, params_ptr, draw_ptr, seed, OP,
+                                    ACC_TYPE)
+    return value
+
+
+@triton.jit
+def _pointwise_first_op(
+    base, stride_c, stride_h, stride_w, image, channel, y, x, ok, channels, height, width,
+    params_ptr, draw_ptr, seed, OP: tl.constexpr, ACC_TYPE: tl.constexpr,
+):
+    """The first op's output when it reads a single input element (every op but affine)."""
+    source_channel = channel
+    if OP == _SHUFFLE:
+        source_channel = tl.load(draw_ptr + image * channels + channel, mask=ok, other=0)
+    value = tl.load(base + source_channel * stride_c + y * stride_h + x * stride_w,
+                    mask=ok, other=0).to(ACC_TYPE)
+    if OP == _CUTOUT:
+        magnitude = tl.load(params_ptr)
+        value = tl.where(_in_cutout(draw_ptr, magnitude, image, y, x, height, width), 0.0, value)
+    if OP == _NOISE:
+        magnitude = tl.load(params_ptr).to(ACC_TYPE)
+        flat = ((image * channels + channel) * height + y) * width + x
+        value = tl.where(ok, value + magnitude * tl.randn(seed, flat).to(ACC_TYPE), 0.0)
+    if OP == _DROP:
+        magnitude = tl.load(params_ptr)
+        uniform = tl.load(draw_ptr + image * channels + channel, mask=ok, other=1.0)
+        value = tl.where(uniform < magnitude, 0.0, value)
+    return value
+
+
+@triton.jit
+def _feature_augment_kernel(
+    x_ptr,
+    out_ptr,
+    params_ptr,
+    draw_a_ptr,
+    draw_b_ptr,
+    seed_a,
+    seed_b,
+    total,
+    channels,
+    height,
+    width,
+    stride_n,
+    stride_c,
+    stride_h,
+    stride_w,
+    OP_A: tl.constexpr,
+    OP_B: tl.constexpr,
+    AFFINE_A: tl.constexpr,
+    AFFINE_B: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = flat < total
+    x = (flat % width).to(tl.int32)
+    y = ((flat // width) % height).to(tl.int32)
+    channel = ((flat // (width * height)) % channels).to(tl.int32)
+    image = flat // (width * height * channels)
+    params_b = params_ptr + _PARAMS_PER_OP_CONST
+    if AFFINE_B:
+        source_y, source_x = _source_point(params_b, y, x, height, width, ACC_TYPE)
+        result = tl.zeros((BLOCK,), ACC_TYPE)
+        for corner in tl.static_range(4):
+            tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
+            inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
+            tap = _first_op(x_ptr, stride_n, stride_c, stride_h, stride_w, image, channel, tap_y,
+                            tap_x, inside, channels, height, width, params_ptr, draw_a_ptr,
+                            seed_a, OP_A, AFFINE_A, ACC_TYPE)
+            result += weight * tap
+    else:
+        source_channel = channel
+        if OP_B == _SHUFFLE:
+            source_channel = tl.load(draw_b_ptr + image * channels + channel, mask=ok,
+                                     other=0).to(tl.int32)
+        result = _first_op(x_ptr, stride_n, stride_c, stride_h, stride_w, image, source_channel,
+                           y, x, ok, channels, height, width, params_ptr, draw_a_ptr, seed_a,
+                           OP_A, AFFINE_A, ACC_TYPE)
+        if OP_B == _CUTOUT:
+            magnitude = tl.load(params_b)
+            result = tl.where(_in_cutout(draw_b_ptr, magnitude, image, y, x, height, width), 0.0,
+                              result)
+        if OP_B == _NOISE:
+            magnitude = tl.load(params_b).to(ACC_TYPE)
+            result = result + magnitude * tl.randn(seed_b, flat).to(ACC_TYPE)
+        if OP_B == _DROP:
+            magnitude = tl.load(params_b)
+            uniform = tl.load(draw_b_ptr + image * channels + channel, mask=ok, other=1.0)
+            result = tl.where(uniform < magnitude, 0.0, result)
+    tl.store(out_ptr + flat, result.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton_op("sokd_triton::feature_augment_pair", mutates_args=())
+def _augment_pair_op(
+    x: torch.Tensor,
+    op_a: int,
+    op_b: int,
+    params: torch.Tensor,
+    draw_a: torch.Tensor | None,
+    draw_b: torch.Tensor | None,
+    seed_a: int,
+    seed_b: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """op_b(op_a(x)) as a contiguous map of out_dtype; op_b may be NO_OP."""
+    images, channels, height, width = x.shape
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(out.numel()))
+    wrap_triton(_feature_augment_kernel)[(triton.cdiv(out.numel(), block),)](
+        x,
+        out,
+        params,
+        draw_a,
+        draw_b,
+        seed_a,
+        seed_b,
+        out.numel(),
+        channels,
+        height,
+        width,
+        *x.stride(),
+        OP_A=op_a,
+        OP_B=op_b,
+        AFFINE_A=op_a in AFFINE_OPS,
+        AFFINE_B=op_b in AFFINE_OPS,
+        ACC_TYPE=accumulator_type(x.dtype),
+        BLOCK=block,
+        num_warps=num_warps_for(block),
+    )
+    return out
+
+
+@_augment_pair_op.register_fake
+def _(x, op_a, op_b, params, draw_a, draw_b, seed_a, seed_b, out_dtype):
+    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
+    # is also what keeps torch.compile working under the Triton interpreter.
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+def _op_parameters(op, value):
+    """The kernel's parameter row of one op: v, then theta (zeros for non-affine ops)."""
+    theta = affine_matrix(op, value).reshape(6) if op in AFFINE_OPS else value.new_zeros(6)
+    return torch.cat((value.reshape(1), theta))
+
+
+def feature_augment(x, op_ids, values, draws):
+    """Backend entry point (see sokd/_backend.py): op_ids applied in order, no autograd."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    values = values.to(device=x.device, dtype=torch.float32)
+    out = x.detach()
+    for start in range(0, len(op_ids), 2):
+        pair = list(op_ids[start:start + 2])
+        pair_draws = list(draws[start:start + 2])
+        rows = [_op_parameters(op, value) for op, value in zip(pair, values[start:start + 2])]
+        if len(pair) == 1:
+            pair.append(NO_OP)
+            pair_draws.append(None)
+            rows.append(values.new_zeros(_PARAMS_PER_OP))
+        tensors = [draw if isinstance(draw, torch.Tensor) else None for draw in pair_draws]
+        seeds = [draw if op == NOISE else 0 for op, draw in zip(pair, pair_draws)]
+        last = start + 2 >= len(op_ids)
+        out = _augment_pair_op(
+            out,
+            pair[0],
+            pair[1],
+            torch.stack(rows),
+            tensors[0],
+            tensors[1],
+            seeds[0],
+            seeds[1],
+            x.dtype if last else acc_dtype,
+        )
+    return out
