@@ -35,6 +35,8 @@ _MODULES = {
 _lock = threading.Lock()
 _selected = None
 _load_errors = {}
+# Backends that loaded, by name. The lock-free lookup also lets torch.compile trace `resolve`.
+_loaded = {}
 _warned_fallback = False
 
 
@@ -65,6 +67,8 @@ def get_backend():
 
 def _load(name):
     """The backend's module, or None with the reason kept in _load_errors."""
+    if name in _loaded:
+        return _loaded[name]
     with _lock:
         try:
             module = importlib.import_module(_MODULES[name])
@@ -80,6 +84,7 @@ def _load(name):
         if device_type is not None and device_type not in supported:
             _load_errors[name] = f"sokd was built without {name} kernels"
             return None
+        _loaded[name] = module
         return module
 
 

@@ -1,0 +1,215 @@
+#pragma once
+// Fused feature augmentation (SPEC section 1), shared by csrc/cpu and csrc/cuda.
+//
+// Every primitive is linear in the map, up to the additive noise, so an output element is a
+// weighted sum of input elements plus noise terms. augmented_value walks the op chain from
+// the output back to the input, keeping the sample points (channel, y, x, weight) of the
+// current stage: an affine op replaces each point by the 4 bilinear corners it reads (zero
+// padding drops those outside the map), cutout and channel drop remove points, channel
+// shuffle renames the channel, and noise adds weight * v * eps at the point. Two affine ops
+// thus read the first op's bilinear output at the 4 neighbours of the second op's sample
+// point: exact composition, with no intermediate map.
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace sokd {
+
+// Primitive ids, in the order of sokd/augment_ops.py.
+enum AugmentKind : int {
+  kShearX = 0,
+  kShearY = 1,
+  kTranslateX = 2,
+  kTranslateY = 3,
+  kRotate = 4,
+  kCutout = 5,
+  kNoise = 6,
+  kChannelShuffle = 7,
+  kChannelDrop = 8,
+  kNumAugmentKinds = 9,
+};
+
+constexpr int kMaxAugmentOps = 8;
+// Each affine op multiplies the sample points by 4; two of them give 16.
+constexpr int kMaxAffinePerPass = 2;
+constexpr int kMaxSamplePoints = 16;
+
+C10_HOST_DEVICE inline bool is_affine(int kind) { return kind >= kShearX && kind <= kRotate; }
+
+struct AugmentOp {
+  int kind;
+  float value;                 // the mapped magnitude v, float32 as the reference keeps it
+  float theta[6];              // affine ops: output -> input, row-major 2 x 3
+  const int64_t* centres;      // cutout: N x 2 as (y, x)
+  const int64_t* permutation;  // channel_shuffle: N x C
+  const float* uniforms;       // channel_drop: N x C
+  uint64_t seed;               // noise
+};
+
+struct AugmentPlan {
+  int num_ops;
+  int64_t channels, height, width;
+  AugmentOp ops[kMaxAugmentOps];
+};
+
+// The 2 x 3 theta of an affine op, computed in float32 as sokd/augment_ops.affine_matrix does.
+C10_HOST_DEVICE inline void affine_theta(int kind, float value, float* theta) {
+  theta[0] = 1.f; theta[1] = 0.f; theta[2] = 0.f;
+  theta[3] = 0.f; theta[4] = 1.f; theta[5] = 0.f;
+  if (kind == kShearX) {
+    theta[1] = value;
+  } else if (kind == kShearY) {
+    theta[3] = value;
+  } else if (kind == kTranslateX) {
+    theta[2] = 2.f * value;
+  } else if (kind == kTranslateY) {
+    theta[5] = 2.f * value;
+  } else if (kind == kRotate) {
+    float angle = value * static_cast<float>(M_PI / 180.0);
+    float c = ::cosf(angle), s = ::sinf(angle);
+    theta[0] = c; theta[1] = s;
+    theta[3] = -s; theta[4] = c;
+  }
+}
+
+// Philox4x32-10 (Salmon et al., SC 2011): a counter-based generator, so an element's noise
+// depends only on (seed, element index) and every backend thread can draw it independently.
+C10_HOST_DEVICE inline void philox4x32(uint32_t counter[4], uint32_t key0, uint32_t key1) {
+  const uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  const uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    uint64_t product0 = static_cast<uint64_t>(kMul0) * counter[0];
+    uint64_t product1 = static_cast<uint64_t>(kMul1) * counter[2];
+    uint32_t hi0 = static_cast<uint32_t>(product0 >> 32), lo0 = static_cast<uint32_t>(product0);
+    uint32_t hi1 = static_cast<uint32_t>(product1 >> 32), lo1 = static_cast<uint32_t>(product1);
+    uint32_t next0 = hi1 ^ counter[1] ^ key0;
+    uint32_t next2 = hi0 ^ counter[3] ^ key1;
+    counter[0] = next0;
+    counter[1] = lo1;
+    counter[2] = next2;
+    counter[3] = lo0;
+    key0 += kWeyl0;
+    key1 += kWeyl1;
+  }
+}
+
+// A standard normal draw for element `index` of the stream `seed` (Box-Muller on two Philox
+// words). The transform runs in double so CPU and CUDA round to the same float.
+C10_HOST_DEVICE inline double normal_at(uint64_t seed, uint64_t index) {
+  uint32_t counter[4] = {static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u,
+                         0u};
+  philox4x32(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const double kTwoTo32 = 4294967296.0;
+  double u1 = (static_cast<double>(counter[0]) + 1.0) / kTwoTo32;  // in (0, 1]: log is finite
+  double u2 = static_cast<double>(counter[1]) / kTwoTo32;
+  return ::sqrt(-2.0 * ::log(u1)) * ::cos(2.0 * M_PI * u2);
+}
+
+struct SamplePoint {
+  int64_t channel, y, x;
+};
+
+// The augmented value of output element (n, c, y, x), in the accumulation type T, reading the
+// input through load(channel, y, x) (sample n's plane).
+template <typename T, typename Load>
+C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int64_t c,
+                                         int64_t y, int64_t x, const Load& load) {
+  SamplePoint points[kMaxSamplePoints];
+  T weights[kMaxSamplePoints];
+  int count = 1;
+  points[0] = SamplePoint{c, y, x};
+  weights[0] = T(1);
+  T noise_sum = T(0);
+  const int64_t height = plan.height, width = plan.width, channels = plan.channels;
+
+  for (int i = plan.num_ops - 1; i >= 0 && count > 0; --i) {
+    const AugmentOp& op = plan.ops[i];
+    if (is_affine(op.kind)) {
+      SamplePoint source[kMaxSamplePoints];
+      T source_weights[kMaxSamplePoints];
+      int source_count = count;
+      for (int p = 0; p < count; ++p) {
+        source[p] = points[p];
+        source_weights[p] = weights[p];
+      }
+      count = 0;
+      for (int p = 0; p < source_count; ++p) {
+        // affine_grid (align_corners=False): pixel centres in normalised coordinates.
+        T xn = (T(2) * static_cast<T>(source[p].x) + T(1)) / static_cast<T>(width) - T(1);
+        T yn = (T(2) * static_cast<T>(source[p].y) + T(1)) / static_cast<T>(height) - T(1);
+        T gx = static_cast<T>(op.theta[0]) * xn + static_cast<T>(op.theta[1]) * yn +
+               static_cast<T>(op.theta[2]);
+        T gy = static_cast<T>(op.theta[3]) * xn + static_cast<T>(op.theta[4]) * yn +
+               static_cast<T>(op.theta[5]);
+        // grid_sample's unnormalisation (align_corners=False).
+        T ix = ((gx + T(1)) * static_cast<T>(width) - T(1)) / T(2);
+        T iy = ((gy + T(1)) * static_cast<T>(height) - T(1)) / T(2);
+        // Outside (-1, size) no corner lies inside the map; the test also rejects NaN.
+        if (!(ix > T(-1) && ix < static_cast<T>(width) && iy > T(-1) &&
+              iy < static_cast<T>(height))) {
+          continue;
+        }
+        T x_floor = ::floor(ix), y_floor = ::floor(iy);
+        int64_t x0 = static_cast<int64_t>(x_floor), y0 = static_cast<int64_t>(y_floor);
+        T fx = ix - x_floor, fy = iy - y_floor;
+        const T corner_weights[4] = {(T(1) - fx) * (T(1) - fy), fx * (T(1) - fy),
+                                     (T(1) - fx) * fy, fx * fy};
+        for (int corner = 0; corner < 4; ++corner) {
+          int64_t xx = x0 + (corner & 1), yy = y0 + (corner >> 1);
+          if (xx < 0 || xx >= width || yy < 0 || yy >= height) continue;
+          points[count] = SamplePoint{source[p].channel, yy, xx};
+          weights[count] = source_weights[p] * corner_weights[corner];
+          ++count;
+        }
+      }
+    } else if (op.kind == kCutout) {
+      const float box_h = ::floorf(op.value * static_cast<float>(height));
+      const float box_w = ::floorf(op.value * static_cast<float>(width));
+      const float top = static_cast<float>(op.centres[2 * n]) - ::floorf(box_h / 2.f);
+      const float left = static_cast<float>(op.centres[2 * n + 1]) - ::floorf(box_w / 2.f);
+      int kept = 0;
+      for (int p = 0; p < count; ++p) {
+        float py = static_cast<float>(points[p].y), px = static_cast<float>(points[p].x);
+        bool inside = py >= top && py < top + box_h && px >= left && px < left + box_w;
+        if (!inside) {
+          points[kept] = points[p];
+          weights[kept] = weights[p];
+          ++kept;
+        }
+      }
+      count = kept;
+    } else if (op.kind == kNoise) {
+      const T value = static_cast<T>(op.value);
+      for (int p = 0; p < count; ++p) {
+        uint64_t index = static_cast<uint64_t>(
+            ((n * channels + points[p].channel) * height + points[p].y) * width + points[p].x);
+        T eps = static_cast<T>(static_cast<float>(normal_at(op.seed, index)));
+        noise_sum += weights[p] * (value * eps);
+      }
+    } else if (op.kind == kChannelShuffle) {
+      for (int p = 0; p < count; ++p) {
+        points[p].channel = op.permutation[n * channels + points[p].channel];
+      }
+    } else if (op.kind == kChannelDrop) {
+      int kept = 0;
+      for (int p = 0; p < count; ++p) {
+        if (!(op.uniforms[n * channels + points[p].channel] < op.value)) {
+          points[kept] = points[p];
+          weights[kept] = weights[p];
+          ++kept;
+        }
+      }
+      count = kept;
+    }
+  }
+
+  T total = noise_sum;
+  for (int p = 0; p < count; ++p) {
+    total += weights[p] * load(points[p].channel, points[p].y, points[p].x);
+  }
+  return total;
+}
+
+}  // namespace sokd

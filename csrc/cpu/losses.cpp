@@ -1,0 +1,368 @@
+// CPU kernels of the fused losses: masked_feature_loss, kd_loss, decoupled_kd_loss.
+//
+// Determinism: work is cut into fixed pieces (a feature plane, a row, a tile of dense rows)
+// whose partial sums land in their own slot; the slots are then added in index order. The
+// result therefore does not depend on how many threads at::parallel_for uses.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/vec_math.h"
+#include "loss_math.h"
+#include "op_checks.h"
+
+namespace sokd::cpu {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// Planes or rows per at::parallel_for task: enough work to amortise the task overhead.
+constexpr int64_t kGrainElements = 32768;
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
+template <typename acc_t, typename Combine>
+acc_t reduce_lanes(const Vectorized<acc_t>& lanes, acc_t initial, Combine combine) {
+  acc_t buffer[Vectorized<acc_t>::size()];
+  lanes.store(buffer);
+  acc_t result = initial;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) result = combine(result, buffer[i]);
+  return result;
+}
+
+// Per-position mask^2 in the accumulation type, and its sum (added in index order).
+template <typename acc_t>
+std::pair<Tensor, acc_t> mask_squared(const Tensor& mask) {
+  Tensor squared = mask.to(c10::CppTypeToScalarType<acc_t>::value).square().contiguous();
+  const acc_t* data = squared.data_ptr<acc_t>();
+  acc_t total = 0;
+  for (int64_t i = 0; i < squared.numel(); ++i) total += data[i];
+  return {squared, total};
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> masked_feature_loss_typed(const Tensor& student, const Tensor& teacher,
+                                                     const std::optional<Tensor>& mask,
+                                                     bool normalize_by_mask, bool with_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t channels = student.size(1);
+  const int64_t plane_size = student.size(2) * student.size(3);
+  const int64_t planes = student.size(0) * channels;
+
+  Tensor mask_sq;
+  acc_t normaliser = static_cast<acc_t>(student.numel());
+  if (mask.has_value()) {
+    acc_t mask_total;
+    std::tie(mask_sq, mask_total) = mask_squared<acc_t>(*mask);
+    if (normalize_by_mask) normaliser = static_cast<acc_t>(channels) * mask_total;
+  }
+  Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  if (normaliser == acc_t(0)) {
+    // An all-zero mask under normalize="mask": loss 0 and gradient 0, never NaN.
+    if (with_grad) grad.zero_();
+    return {at::zeros({}, student.options().dtype(acc_dtype)), grad};
+  }
+
+  const scalar_t* s = student.data_ptr<scalar_t>();
+  const scalar_t* t = teacher.data_ptr<scalar_t>();
+  const acc_t* m2 = mask.has_value() ? mask_sq.data_ptr<acc_t>() : nullptr;
+  scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  const acc_t grad_scale = acc_t(2) / normaliser;
+  const int64_t vector_end = plane_size - plane_size % V::size();
+  std::vector<acc_t> partials(planes);
+
+  at::parallel_for(0, planes, grain_for(plane_size), [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t offset = plane * plane_size;
+      const acc_t* plane_mask = m2 ? m2 + (plane / channels) * plane_size : nullptr;
+      V sum_lanes(acc_t(0));
+      const V scale_lanes(grad_scale);
+      for (int64_t i = 0; i < vector_end; i += V::size()) {
+        V m2_lanes = plane_mask ? V::loadu(plane_mask + i) : V(acc_t(1));
+        V grad_lanes;
+        sum_lanes = sum_lanes + masked_squared_error(load_widened<acc_t>(s + offset + i),
+                                                     load_widened<acc_t>(t + offset + i),
+                                                     m2_lanes, scale_lanes, grad_lanes);
+        if (g) store_narrowed(grad_lanes, g + offset + i);
+      }
+      acc_t sum = reduce_lanes(sum_lanes, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+      for (int64_t i = vector_end; i < plane_size; ++i) {
+        acc_t grad_value;
+        sum += masked_squared_error(static_cast<acc_t>(s[offset + i]),
+                                    static_cast<acc_t>(t[offset + i]),
+                                    plane_mask ? plane_mask[i] : acc_t(1), grad_scale, grad_value);
+        if (g) g[offset + i] = static_cast<scalar_t>(grad_value);
+      }
+      partials[plane] = sum;
+    }
+  });
+  Tensor loss = at::scalar_tensor(ordered_sum(partials) / normaliser,
+                                  student.options().dtype(acc_dtype));
+  return {loss, grad};
+}
+
+std::tuple<Tensor, Tensor> masked_feature_loss(const Tensor& student, const Tensor& teacher,
+                                               const std::optional<Tensor>& mask,
+                                               bool normalize_by_mask, bool with_grad) {
+  check_masked_feature_inputs(student, teacher, mask, c10::DeviceType::CPU);
+  std::tuple<Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "sokd_masked_feature_loss", [&] {
+    result = masked_feature_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(),
+                                                 mask, normalize_by_mask, with_grad);
+  });
+  return result;
+}
+
+// V::size() dense rows side by side: lane l is the row of position p + l.
+template <typename scalar_t, typename acc_t>
+struct LaneRows {
+  using V = Vectorized<acc_t>;
+  const scalar_t* student_data;
+  const scalar_t* teacher_data;
+  scalar_t* grad_data;
+  int64_t stride;
+  V inv_temperature;
+  V student(int64_t j) const {
+    return load_widened<acc_t>(student_data + j * stride) * inv_temperature;
+  }
+  V teacher(int64_t j) const {
+    return load_widened<acc_t>(teacher_data + j * stride) * inv_temperature;
+  }
+  void store_grad(int64_t j, const V& value) const {
+    store_narrowed(value, grad_data + j * stride);
+  }
+};
+
+// kd_row for one contiguous row, vectorised along the classes.
+template <typename scalar_t, typename acc_t>
+acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t classes,
+                        acc_t inv_temperature, acc_t grad_coef) {
+  using V = Vectorized<acc_t>;
+  using M = MathOps<acc_t>;
+  const int64_t vector_end = classes - classes % V::size();
+  const V inv_lanes(inv_temperature);
+  V max_s_lanes(M::lowest()), max_t_lanes(M::lowest());
+  for (int64_t j = 0; j < vector_end; j += V::size()) {
+    max_s_lanes = at::vec::maximum(max_s_lanes, load_widened<acc_t>(s + j) * inv_lanes);
+    max_t_lanes = at::vec::maximum(max_t_lanes, load_widened<acc_t>(t + j) * inv_lanes);
+  }
+  auto take_max = [](acc_t a, acc_t b) { return M::max(a, b); };
+  acc_t max_s = reduce_lanes(max_s_lanes, M::lowest(), take_max);
+  acc_t max_t = reduce_lanes(max_t_lanes, M::lowest(), take_max);
+  for (int64_t j = vector_end; j < classes; ++j) {
+    max_s = M::max(max_s, static_cast<acc_t>(s[j]) * inv_temperature);
+    max_t = M::max(max_t, static_cast<acc_t>(t[j]) * inv_temperature);
+  }
+
+  const V max_s_all(max_s), max_t_all(max_t);
+  V sum_s_lanes(acc_t(0)), sum_t_lanes(acc_t(0)), cross_lanes(acc_t(0));
+  for (int64_t j = 0; j < vector_end; j += V::size()) {
+    V zs = load_widened<acc_t>(s + j) * inv_lanes - max_s_all;
+    V zt = load_widened<acc_t>(t + j) * inv_lanes - max_t_all;
+    V et = zt.exp();
+    sum_s_lanes = sum_s_lanes + zs.exp();
+    sum_t_lanes = sum_t_lanes + et;
+    cross_lanes = cross_lanes + et * (zt - zs);
+  }
+  auto add = [](acc_t a, acc_t b) { return a + b; };
+  acc_t sum_s = reduce_lanes(sum_s_lanes, acc_t(0), add);
+  acc_t sum_t = reduce_lanes(sum_t_lanes, acc_t(0), add);
+  acc_t cross = reduce_lanes(cross_lanes, acc_t(0), add);
+  for (int64_t j = vector_end; j < classes; ++j) {
+    acc_t zs = static_cast<acc_t>(s[j]) * inv_temperature - max_s;
+    acc_t zt = static_cast<acc_t>(t[j]) * inv_temperature - max_t;
+    acc_t et = M::exp(zt);
+    sum_s += M::exp(zs);
+    sum_t += et;
+    cross += et * (zt - zs);
+  }
+
+  if (g) {
+    const acc_t shift_s = max_s + M::log(sum_s), shift_t = max_t + M::log(sum_t);
+    const V shift_s_all(shift_s), shift_t_all(shift_t), coef_all(grad_coef);
+    for (int64_t j = 0; j < vector_end; j += V::size()) {
+      V zs = load_widened<acc_t>(s + j) * inv_lanes;
+      V zt = load_widened<acc_t>(t + j) * inv_lanes;
+      store_narrowed(coef_all * ((zs - shift_s_all).exp() - (zt - shift_t_all).exp()), g + j);
+    }
+    for (int64_t j = vector_end; j < classes; ++j) {
+      acc_t zs = static_cast<acc_t>(s[j]) * inv_temperature;
+      acc_t zt = static_cast<acc_t>(t[j]) * inv_temperature;
+      g[j] = static_cast<scalar_t>(grad_coef * (M::exp(zs - shift_s) - M::exp(zt - shift_t)));
+    }
+  }
+  return kd_row_divergence(sum_s, sum_t, cross);
+}
+
+// Row weights in the accumulation type (all ones without a weight) and their ordered sum.
+template <typename acc_t>
+std::pair<Tensor, acc_t> row_weights(const std::optional<Tensor>& weight, int64_t rows) {
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  if (!weight.has_value()) {
+    return {at::ones({rows}, at::TensorOptions().dtype(acc_dtype)), static_cast<acc_t>(rows)};
+  }
+  Tensor values = weight->to(acc_dtype).reshape({rows}).contiguous();
+  const acc_t* data = values.data_ptr<acc_t>();
+  acc_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) total += data[r];
+  return {values, total};
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> kd_loss_typed(const Tensor& student, const Tensor& teacher,
+                                         double temperature, const std::optional<Tensor>& weight,
+                                         bool with_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t batch = student.size(0), classes = student.size(1);
+  const int64_t positions = student.dim() == 4 ? student.size(2) * student.size(3) : 1;
+  const int64_t rows = batch * positions;
+  const acc_t temp = static_cast<acc_t>(temperature);
+  const acc_t inv_temperature = acc_t(1) / temp;
+
+  Tensor weights;
+  acc_t weight_total;
+  std::tie(weights, weight_total) = row_weights<acc_t>(weight, rows);
+  Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  if (weight_total == acc_t(0)) {
+    if (with_grad) grad.zero_();
+    return {at::zeros({}, student.options().dtype(acc_dtype)), grad};
+  }
+  const acc_t* w = weights.data_ptr<acc_t>();
+  const scalar_t* s = student.data_ptr<scalar_t>();
+  const scalar_t* t = teacher.data_ptr<scalar_t>();
+  scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  // d loss / d s = T^2 * w_r / sum(w) * (p_s - p_t) / T.
+  const acc_t coef_per_weight = temp / weight_total;
+  std::vector<acc_t> row_kl(rows);
+
+  if (positions == 1) {
+    at::parallel_for(0, rows, grain_for(classes), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        row_kl[r] = kd_contiguous_row<scalar_t, acc_t>(
+            s + r * classes, t + r * classes, g ? g + r * classes : nullptr, classes,
+            inv_temperature, coef_per_weight * w[r]);
+      }
+    });
+  } else {
+    const int64_t tiles_per_image = (positions + V::size() - 1) / V::size();
+    const int64_t tiles = batch * tiles_per_image;
+    at::parallel_for(0, tiles, grain_for(classes * V::size()), [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n = tile / tiles_per_image;
+        const int64_t first = (tile % tiles_per_image) * V::size();
+        const int64_t offset = n * classes * positions + first;
+        const int64_t row = n * positions + first;
+        if (first + V::size() <= positions) {
+          LaneRows<scalar_t, acc_t> lanes{s + offset, t + offset, g ? g + offset : nullptr,
+                                          positions, V(inv_temperature)};
+          V coef = V(coef_per_weight) * V::loadu(w + row);
+          kd_row<V>(lanes, classes, coef, g != nullptr).store(row_kl.data() + row);
+        } else {
+          for (int64_t p = first; p < positions; ++p) {
+            const int64_t lane = p - first;
+            StridedRow<scalar_t, acc_t> single{s + offset + lane, t + offset + lane, nullptr,
+                                               g ? g + offset + lane : nullptr, positions,
+                                               inv_temperature};
+            row_kl[row + lane] =
+                kd_row<acc_t>(single, classes, coef_per_weight * w[row + lane], g != nullptr);
+          }
+        }
+      }
+    });
+  }
+  acc_t weighted = 0;
+  for (int64_t r = 0; r < rows; ++r) weighted += w[r] * row_kl[r];
+  Tensor loss = at::scalar_tensor(temp * temp * weighted / weight_total,
+                                  student.options().dtype(acc_dtype));
+  return {loss, grad};
+}
+
+std::tuple<Tensor, Tensor> kd_loss(const Tensor& student, const Tensor& teacher,
+                                   double temperature, const std::optional<Tensor>& weight,
+                                   bool with_grad) {
+  check_logit_inputs(student, teacher, temperature, c10::DeviceType::CPU);
+  check_row_weight(weight, student, c10::DeviceType::CPU);
+  std::tuple<Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "sokd_kd_loss", [&] {
+    result = kd_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(), temperature,
+                                     weight, with_grad);
+  });
+  return result;
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> decoupled_kd_loss_typed(const Tensor& student, const Tensor& teacher,
+                                                   const Tensor& class_mask, double alpha,
+                                                   double beta, double temperature,
+                                                   bool with_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t batch = student.size(0), classes = student.size(1);
+  const int64_t positions = student.dim() == 4 ? student.size(2) * student.size(3) : 1;
+  const int64_t rows = batch * positions;
+  const acc_t temp = static_cast<acc_t>(temperature);
+  const acc_t inv_temperature = acc_t(1) / temp;
+  // d loss / d s = T^2 / rows * d(row loss) / d z_s / T.
+  const acc_t grad_coef = temp / static_cast<acc_t>(rows);
+  const acc_t alpha_acc = static_cast<acc_t>(alpha), beta_acc = static_cast<acc_t>(beta);
+
+  Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  const scalar_t* s = student.data_ptr<scalar_t>();
+  const scalar_t* t = teacher.data_ptr<scalar_t>();
+  const bool* in_set = class_mask.data_ptr<bool>();
+  scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
+  std::vector<acc_t> row_loss(rows);
+
+  at::parallel_for(0, rows, grain_for(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t offset = (r / positions) * classes * positions + r % positions;
+      StridedRow<scalar_t, acc_t> row{s + offset, t + offset, in_set + offset,
+                                      g ? g + offset : nullptr, positions, inv_temperature};
+      row_loss[r] = decoupled_kd_row<acc_t>(row, classes, alpha_acc, beta_acc, grad_coef,
+                                            g != nullptr);
+    }
+  });
+  Tensor loss = at::scalar_tensor(temp * temp * ordered_sum(row_loss) / static_cast<acc_t>(rows),
+                                  student.options().dtype(acc_dtype));
+  return {loss, grad};
+}
+
+std::tuple<Tensor, Tensor> decoupled_kd_loss(const Tensor& student, const Tensor& teacher,
+                                             const Tensor& class_mask, double alpha, double beta,
+                                             double temperature, bool with_grad) {
+  check_logit_inputs(student, teacher, temperature, c10::DeviceType::CPU);
+  check_class_mask(class_mask, student, c10::DeviceType::CPU);
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && std::isfinite(beta) && beta >= 0,
+              "alpha and beta must be finite and >= 0, got ", alpha, " and ", beta);
+  std::tuple<Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "sokd_decoupled_kd_loss", [&] {
+    result = decoupled_kd_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(),
+                                               class_mask.contiguous(), alpha, beta,
+                                               temperature, with_grad);
+  });
+  return result;
+}
+
+}  // namespace
+}  // namespace sokd::cpu
+
+TORCH_LIBRARY_IMPL(sokd, CPU, m) {
+  m.impl("masked_feature_loss", &sokd::cpu::masked_feature_loss);
+  m.impl("kd_loss", &sokd::cpu::kd_loss);
+  m.impl("decoupled_kd_loss", &sokd::cpu::decoupled_kd_loss);
+}

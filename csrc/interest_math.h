@@ -1,0 +1,70 @@
+#pragma once
+// Peak ordering and box decoding of interest_map (SPEC section 4), shared by csrc/cpu and
+// csrc/cuda so both pick the same peaks and the same boxes as the reference.
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace sokd {
+
+// True when peak (a_value, a_index) ranks before (b_value, b_index): higher value first, ties
+// to the lower flat index. NaN ranks above everything, as in torch.sort, which keeps the order
+// a strict weak ordering for any input.
+template <typename T>
+C10_HOST_DEVICE inline bool peak_ranks_before(T a_value, int64_t a_index, T b_value,
+                                              int64_t b_index) {
+  bool a_nan = a_value != a_value, b_nan = b_value != b_value;
+  if (a_nan || b_nan) {
+    if (a_nan && b_nan) return a_index < b_index;
+    return a_nan;
+  }
+  if (a_value != b_value) return a_value > b_value;
+  return a_index < b_index;
+}
+
+// Local-maximum filter: the heat value where it equals the max of its kernel x kernel window
+// (the window clipped at the border, as max_pool2d's -inf padding does), else 0.
+template <typename T, typename scalar_t>
+C10_HOST_DEVICE inline T local_peak(const scalar_t* plane, int64_t height, int64_t width,
+                                    int64_t y, int64_t x, int64_t radius) {
+  T centre = static_cast<T>(plane[y * width + x]);
+  int64_t y0 = y - radius < 0 ? 0 : y - radius;
+  int64_t y1 = y + radius >= height ? height - 1 : y + radius;
+  int64_t x0 = x - radius < 0 ? 0 : x - radius;
+  int64_t x1 = x + radius >= width ? width - 1 : x + radius;
+  for (int64_t yy = y0; yy <= y1; ++yy) {
+    for (int64_t xx = x0; xx <= x1; ++xx) {
+      T value = static_cast<T>(plane[yy * width + xx]);
+      if (value > centre || value != value) return T(0);
+    }
+  }
+  return centre;
+}
+
+// trunc(clamp(v, low, high)) as an integer. NaN maps to `empty`, a bound that leaves the box
+// covering nothing.
+template <typename T>
+C10_HOST_DEVICE inline int64_t clamp_trunc(T value, T low, T high, int64_t empty) {
+  if (value != value) return empty;
+  T clamped = value < low ? low : (value > high ? high : value);
+  return static_cast<int64_t>(clamped);
+}
+
+// Inclusive box (x1, y1, x2, y2) of the peak at (y, x) with centre offset and size wh, all in
+// the accumulation type T. The clamps past the map (to W and -1) keep huge values convertible
+// without changing which positions the box covers.
+template <typename T>
+C10_HOST_DEVICE inline void decode_box(int64_t y, int64_t x, T offset_x, T offset_y, T box_w,
+                                       T box_h, int64_t height, int64_t width, int64_t* box) {
+  T cx = static_cast<T>(x) + offset_x;
+  T cy = static_cast<T>(y) + offset_y;
+  T half_w = box_w / T(2);
+  T half_h = box_h / T(2);
+  box[0] = clamp_trunc<T>(cx - half_w, T(0), static_cast<T>(width), width);
+  box[1] = clamp_trunc<T>(cy - half_h, T(0), static_cast<T>(height), height);
+  box[2] = clamp_trunc<T>(cx + half_w, T(-1), static_cast<T>(width - 1), -1);
+  box[3] = clamp_trunc<T>(cy + half_h, T(-1), static_cast<T>(height - 1), -1);
+}
+
+}  // namespace sokd

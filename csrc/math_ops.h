@@ -1,0 +1,29 @@
+#pragma once
+// The few math functions the shared kernels need, behind one traits type so that the same
+// templated code runs on scalars (CPU and CUDA) and on at::vec::Vectorized lanes (CPU only;
+// csrc/cpu/vec_math.h adds that specialisation).
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <limits>
+
+namespace sokd {
+
+template <typename T>
+struct MathOps {
+  C10_HOST_DEVICE static T exp(T x) { return ::exp(x); }
+  C10_HOST_DEVICE static T log(T x) { return ::log(x); }
+  C10_HOST_DEVICE static T max(T a, T b) { return a > b ? a : b; }
+  C10_HOST_DEVICE static T lowest() { return -std::numeric_limits<T>::infinity(); }
+};
+
+template <>
+struct MathOps<float> {
+  C10_HOST_DEVICE static float exp(float x) { return ::expf(x); }
+  C10_HOST_DEVICE static float log(float x) { return ::logf(x); }
+  C10_HOST_DEVICE static float max(float a, float b) { return a > b ? a : b; }
+  C10_HOST_DEVICE static float lowest() { return -std::numeric_limits<float>::infinity(); }
+};
+
+}  // namespace sokd
