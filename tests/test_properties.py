@@ -63,16 +63,19 @@ def losses_and_grads(backend, loss_fn, inputs, grad_scale):
     return loss, list(grads)
 
 
-def compare_losses(target, loss_fn, make_inputs, grad_scale, what):
+def compare_losses(target, loss_fn, make_inputs, grad_scale, what, loss_scale=0.0, grad_scale_of_entry=0.0):
+    """Loss and gradients of the target against the reference. The optional scales are what a
+    loss and a gradient entry amount to before cancellation (a KL of equal distributions is 0
+    only up to rounding)."""
     expected_loss, expected_grads = losses_and_grads("reference", loss_fn, make_inputs(), grad_scale)
     loss, grads = losses_and_grads(target.backend, loss_fn, make_inputs(), grad_scale)
-    assert_matches(loss, expected_loss, f"{what} loss")
+    assert_matches(loss, expected_loss, f"{what} loss", loss_scale)
     for index, (grad, expected) in enumerate(zip(grads, expected_grads)):
         if expected is None:
             assert grad is None or not grad.any(), f"{what}: input {index} must get no gradient"
         else:
             assert grad is not None, f"{what}: input {index} got no gradient"
-            assert_matches(grad, expected, f"{what} gradient of input {index}")
+            assert_matches(grad, expected, f"{what} gradient of input {index}", abs(grad_scale_of_entry))
 
 
 # --- masked_feature_loss -------------------------------------------------------------------
@@ -162,6 +165,19 @@ def logit_pairs(draw):
     }
 
 
+def logit_scales(case):
+    """(loss scale, gradient entry scale) of a KL between softmaxes of z/T: T^2 per nat, and
+    T * grad_scale / rows per unit of probability, both times max|z|/T, the size of the
+    rounding error of z/T in units of one."""
+    temperature = case["temperature"]
+    logit_size = max(1.0, float(case["student"].abs().max()) / temperature)
+    rows = case["student"].numel() // case["shape"][1]
+    return (
+        temperature**2 * logit_size,
+        temperature * case["grad_scale"] * logit_size / rows,
+    )
+
+
 def logit_inputs(case, target, extra=()):
     student = leaf(place(case["student"], case["dtype"], case["layouts"][0], target.device), case["requires_grad"])
     # The teacher requires grad too: backends must still give it no gradient.
@@ -199,7 +215,7 @@ def test_kd_loss_matches_reference(target):
         def loss_fn(student, teacher, weight):
             return ops.kd_loss(student, teacher, case["temperature"], weight)
 
-        compare_losses(target, loss_fn, make_inputs, case["grad_scale"], "kd_loss")
+        compare_losses(target, loss_fn, make_inputs, case["grad_scale"], "kd_loss", *logit_scales(case))
 
     check()
 
@@ -241,7 +257,8 @@ def test_decoupled_kd_loss_matches_reference(target):
                 student, teacher, class_mask, case["alpha"], case["beta"], case["temperature"]
             )
 
-        compare_losses(target, loss_fn, make_inputs, case["grad_scale"], "decoupled_kd_loss")
+        scales = [(case["alpha"] + case["beta"]) * scale for scale in logit_scales(case)]
+        compare_losses(target, loss_fn, make_inputs, case["grad_scale"], "decoupled_kd_loss", *scales)
 
     check()
 
