@@ -31,8 +31,19 @@ from ._online_softmax import log_sum_exp, merge_chunk
 
 
 @triton.jit
-def _load_chunk(student_rows, teacher_rows, mask_rows, index, classes, student_stride_k,
-                teacher_stride_k, mask_stride_k, row_ok, temperature, ACC_TYPE):
+def _load_chunk(
+    student_rows,
+    teacher_rows,
+    mask_rows,
+    index,
+    classes,
+    student_stride_k,
+    teacher_stride_k,
+    mask_stride_k,
+    row_ok,
+    temperature,
+    ACC_TYPE,
+):
     """Student and teacher tiles divided by T (-inf past the row) and the class-set flags."""
     valid = (index < classes)[None, :]
     inside = row_ok[:, None] & valid
@@ -45,21 +56,45 @@ def _load_chunk(student_rows, teacher_rows, mask_rows, index, classes, student_s
 
 
 @triton.jit
-def _fold_chunk(max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out,
-                sum_t_out, cross_out, a, b, in_set, out_set):
+def _fold_chunk(
+    max_s_in,
+    sum_s_in,
+    max_s_out,
+    sum_s_out,
+    max_t_in,
+    sum_t_in,
+    max_t_out,
+    sum_t_out,
+    cross_out,
+    a,
+    b,
+    in_set,
+    out_set,
+):
     """Fold one chunk into the per-group statistics of both networks and into the NCKD sum
     of exp(b - max_t_out) * (b - a) over the classes outside G."""
     max_s_in, sum_s_in, _, _ = merge_chunk(max_s_in, sum_s_in, tl.where(in_set, a, float("-inf")))
-    max_s_out, sum_s_out, _, _ = merge_chunk(max_s_out, sum_s_out,
-                                             tl.where(out_set, a, float("-inf")))
+    max_s_out, sum_s_out, _, _ = merge_chunk(
+        max_s_out, sum_s_out, tl.where(out_set, a, float("-inf"))
+    )
     max_t_in, sum_t_in, _, _ = merge_chunk(max_t_in, sum_t_in, tl.where(in_set, b, float("-inf")))
-    max_t_out, sum_t_out, rescale, shift = merge_chunk(max_t_out, sum_t_out,
-                                                       tl.where(out_set, b, float("-inf")))
+    max_t_out, sum_t_out, rescale, shift = merge_chunk(
+        max_t_out, sum_t_out, tl.where(out_set, b, float("-inf"))
+    )
     cross_out = cross_out * rescale + tl.sum(
         tl.where(out_set, tl.exp(b - shift[:, None]) * (b - a), 0.0), axis=1
     )
-    return (max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out, sum_t_out,
-            cross_out)
+    return (
+        max_s_in,
+        sum_s_in,
+        max_s_out,
+        sum_s_out,
+        max_t_in,
+        sum_t_in,
+        max_t_out,
+        sum_t_out,
+        cross_out,
+    )
 
 
 @triton.jit
@@ -70,8 +105,21 @@ def _log_add_exp(x, y):
 
 
 @triton.jit
-def _gradient(a, b, in_set, out_set, lse_s, lse_s_in, lse_s_out, lse_t_out, p_t_in, p_t_out,
-              alpha, beta, temperature):
+def _gradient(
+    a,
+    b,
+    in_set,
+    out_set,
+    lse_s,
+    lse_s_in,
+    lse_s_out,
+    lse_t_out,
+    p_t_in,
+    p_t_out,
+    alpha,
+    beta,
+    temperature,
+):
     group_lse = tl.where(in_set, lse_s_in[:, None], lse_s_out[:, None])
     group_p_t = tl.where(in_set, p_t_in[:, None], p_t_out[:, None])
     p_s = tl.exp(a - lse_s[:, None])
@@ -132,22 +180,84 @@ def _decoupled_kd_kernel(
     sum_t_out = tl.zeros((BLOCK_R,), ACC_TYPE)
     cross_out = tl.zeros((BLOCK_R,), ACC_TYPE)
     if SINGLE_CHUNK:
-        a, b, in_set, out_set = _load_chunk(student_rows, teacher_rows, mask_rows, chunk, classes,
-                                            student_stride_k, teacher_stride_k, mask_stride_k,
-                                            row_ok, temperature, ACC_TYPE)
-        (max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out, sum_t_out,
-         cross_out) = _fold_chunk(max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in,
-                                  max_t_out, sum_t_out, cross_out, a, b, in_set, out_set)
+        a, b, in_set, out_set = _load_chunk(
+            student_rows,
+            teacher_rows,
+            mask_rows,
+            chunk,
+            classes,
+            student_stride_k,
+            teacher_stride_k,
+            mask_stride_k,
+            row_ok,
+            temperature,
+            ACC_TYPE,
+        )
+        (
+            max_s_in,
+            sum_s_in,
+            max_s_out,
+            sum_s_out,
+            max_t_in,
+            sum_t_in,
+            max_t_out,
+            sum_t_out,
+            cross_out,
+        ) = _fold_chunk(
+            max_s_in,
+            sum_s_in,
+            max_s_out,
+            sum_s_out,
+            max_t_in,
+            sum_t_in,
+            max_t_out,
+            sum_t_out,
+            cross_out,
+            a,
+            b,
+            in_set,
+            out_set,
+        )
     else:
         for start in range(0, classes, BLOCK_K):
-            a, b, in_set, out_set = _load_chunk(student_rows, teacher_rows, mask_rows,
-                                                start + chunk, classes, student_stride_k,
-                                                teacher_stride_k, mask_stride_k, row_ok,
-                                                temperature, ACC_TYPE)
-            (max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in, sum_t_in, max_t_out, sum_t_out,
-             cross_out) = _fold_chunk(max_s_in, sum_s_in, max_s_out, sum_s_out, max_t_in,
-                                      sum_t_in, max_t_out, sum_t_out, cross_out, a, b, in_set,
-                                      out_set)
+            a, b, in_set, out_set = _load_chunk(
+                student_rows,
+                teacher_rows,
+                mask_rows,
+                start + chunk,
+                classes,
+                student_stride_k,
+                teacher_stride_k,
+                mask_stride_k,
+                row_ok,
+                temperature,
+                ACC_TYPE,
+            )
+            (
+                max_s_in,
+                sum_s_in,
+                max_s_out,
+                sum_s_out,
+                max_t_in,
+                sum_t_in,
+                max_t_out,
+                sum_t_out,
+                cross_out,
+            ) = _fold_chunk(
+                max_s_in,
+                sum_s_in,
+                max_s_out,
+                sum_s_out,
+                max_t_in,
+                sum_t_in,
+                max_t_out,
+                sum_t_out,
+                cross_out,
+                a,
+                b,
+                in_set,
+                out_set,
+            )
 
     lse_s_in = log_sum_exp(max_s_in, sum_s_in)
     lse_s_out = log_sum_exp(max_s_out, sum_s_out)
@@ -172,21 +282,62 @@ def _decoupled_kd_kernel(
     if COMPUTE_GRAD:
         grad_rows = grad_ptr + image * grad_stride_n + row[:, None] * grad_stride_r
         if SINGLE_CHUNK:
-            grad = _gradient(a, b, in_set, out_set, lse_s, lse_s_in, lse_s_out, lse_t_out,
-                             p_t_in, p_t_out, alpha, beta, temperature)
-            tl.store(grad_rows + chunk[None, :] * grad_stride_k, grad.to(grad_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (chunk < classes)[None, :])
+            grad = _gradient(
+                a,
+                b,
+                in_set,
+                out_set,
+                lse_s,
+                lse_s_in,
+                lse_s_out,
+                lse_t_out,
+                p_t_in,
+                p_t_out,
+                alpha,
+                beta,
+                temperature,
+            )
+            tl.store(
+                grad_rows + chunk[None, :] * grad_stride_k,
+                grad.to(grad_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & (chunk < classes)[None, :],
+            )
         else:
             for start in range(0, classes, BLOCK_K):
                 index = start + chunk
-                a, b, in_set, out_set = _load_chunk(student_rows, teacher_rows, mask_rows, index,
-                                                    classes, student_stride_k, teacher_stride_k,
-                                                    mask_stride_k, row_ok, temperature, ACC_TYPE)
-                grad = _gradient(a, b, in_set, out_set, lse_s, lse_s_in, lse_s_out, lse_t_out,
-                                 p_t_in, p_t_out, alpha, beta, temperature)
-                tl.store(grad_rows + index[None, :] * grad_stride_k,
-                         grad.to(grad_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & (index < classes)[None, :])
+                a, b, in_set, out_set = _load_chunk(
+                    student_rows,
+                    teacher_rows,
+                    mask_rows,
+                    index,
+                    classes,
+                    student_stride_k,
+                    teacher_stride_k,
+                    mask_stride_k,
+                    row_ok,
+                    temperature,
+                    ACC_TYPE,
+                )
+                grad = _gradient(
+                    a,
+                    b,
+                    in_set,
+                    out_set,
+                    lse_s,
+                    lse_s_in,
+                    lse_s_out,
+                    lse_t_out,
+                    p_t_in,
+                    p_t_out,
+                    alpha,
+                    beta,
+                    temperature,
+                )
+                tl.store(
+                    grad_rows + index[None, :] * grad_stride_k,
+                    grad.to(grad_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & (index < classes)[None, :],
+                )
 
 
 @triton_op("sokd_triton::decoupled_kd_loss", mutates_args=())

@@ -16,6 +16,8 @@ Sequences longer than two ops (the policy only uses pairs) run as consecutive pa
 intermediate maps kept in the accumulation type as the reference does.
 """
 
+from __future__ import annotations
+
 import torch
 import triton
 import triton.language as tl
@@ -87,9 +89,25 @@ def _in_cutout(draw_ptr, value, image, y, x, height, width):
 
 @triton.jit
 def _first_op(
-    x_ptr, stride_n, stride_c, stride_h, stride_w, image, channel, y, x, ok,
-    channels, height, width, params_ptr, draw_ptr, seed,
-    OP: tl.constexpr, AFFINE: tl.constexpr, ACC_TYPE: tl.constexpr,
+    x_ptr,
+    stride_n,
+    stride_c,
+    stride_h,
+    stride_w,
+    image,
+    channel,
+    y,
+    x,
+    ok,
+    channels,
+    height,
+    width,
+    params_ptr,
+    draw_ptr,
+    seed,
+    OP: tl.constexpr,
+    AFFINE: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
 ):
     """The first op's output at (image, channel, y, x); 0 where `ok` is false (outside the map)."""
     base = x_ptr + image * stride_n
@@ -99,27 +117,62 @@ def _first_op(
         for corner in tl.static_range(4):
             tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
             inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
-            tap = tl.load(base + channel * stride_c + tap_y * stride_h + tap_x * stride_w,
-                          mask=inside, other=0).to(ACC_TYPE)
+            tap = tl.load(
+                base + channel * stride_c + tap_y * stride_h + tap_x * stride_w,
+                mask=inside,
+                other=0,
+            ).to(ACC_TYPE)
             value += weight * tap
     else:
-        value = _pointwise_first_op(base, stride_c, stride_h, stride_w, image, channel, y, x, ok,
-                                    channels, height, width, params_ptr, draw_ptr, seed, OP,
-                                    ACC_TYPE)
+        value = _pointwise_first_op(
+            base,
+            stride_c,
+            stride_h,
+            stride_w,
+            image,
+            channel,
+            y,
+            x,
+            ok,
+            channels,
+            height,
+            width,
+            params_ptr,
+            draw_ptr,
+            seed,
+            OP,
+            ACC_TYPE,
+        )
     return value
 
 
 @triton.jit
 def _pointwise_first_op(
-    base, stride_c, stride_h, stride_w, image, channel, y, x, ok, channels, height, width,
-    params_ptr, draw_ptr, seed, OP: tl.constexpr, ACC_TYPE: tl.constexpr,
+    base,
+    stride_c,
+    stride_h,
+    stride_w,
+    image,
+    channel,
+    y,
+    x,
+    ok,
+    channels,
+    height,
+    width,
+    params_ptr,
+    draw_ptr,
+    seed,
+    OP: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
 ):
     """The first op's output when it reads a single input element (every op but affine)."""
     source_channel = channel
     if OP == _SHUFFLE:
         source_channel = tl.load(draw_ptr + image * channels + channel, mask=ok, other=0)
-    value = tl.load(base + source_channel * stride_c + y * stride_h + x * stride_w,
-                    mask=ok, other=0).to(ACC_TYPE)
+    value = tl.load(
+        base + source_channel * stride_c + y * stride_h + x * stride_w, mask=ok, other=0
+    ).to(ACC_TYPE)
     if OP == _CUTOUT:
         magnitude = tl.load(params_ptr)
         value = tl.where(_in_cutout(draw_ptr, magnitude, image, y, x, height, width), 0.0, value)
@@ -171,22 +224,60 @@ def _feature_augment_kernel(
         for corner in tl.static_range(4):
             tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
             inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
-            tap = _first_op(x_ptr, stride_n, stride_c, stride_h, stride_w, image, channel, tap_y,
-                            tap_x, inside, channels, height, width, params_ptr, draw_a_ptr,
-                            seed_a, OP_A, AFFINE_A, ACC_TYPE)
+            tap = _first_op(
+                x_ptr,
+                stride_n,
+                stride_c,
+                stride_h,
+                stride_w,
+                image,
+                channel,
+                tap_y,
+                tap_x,
+                inside,
+                channels,
+                height,
+                width,
+                params_ptr,
+                draw_a_ptr,
+                seed_a,
+                OP_A,
+                AFFINE_A,
+                ACC_TYPE,
+            )
             result += weight * tap
     else:
         source_channel = channel
         if OP_B == _SHUFFLE:
-            source_channel = tl.load(draw_b_ptr + image * channels + channel, mask=ok,
-                                     other=0).to(tl.int32)
-        result = _first_op(x_ptr, stride_n, stride_c, stride_h, stride_w, image, source_channel,
-                           y, x, ok, channels, height, width, params_ptr, draw_a_ptr, seed_a,
-                           OP_A, AFFINE_A, ACC_TYPE)
+            source_channel = tl.load(draw_b_ptr + image * channels + channel, mask=ok, other=0).to(
+                tl.int32
+            )
+        result = _first_op(
+            x_ptr,
+            stride_n,
+            stride_c,
+            stride_h,
+            stride_w,
+            image,
+            source_channel,
+            y,
+            x,
+            ok,
+            channels,
+            height,
+            width,
+            params_ptr,
+            draw_a_ptr,
+            seed_a,
+            OP_A,
+            AFFINE_A,
+            ACC_TYPE,
+        )
         if OP_B == _CUTOUT:
             magnitude = tl.load(params_b)
-            result = tl.where(_in_cutout(draw_b_ptr, magnitude, image, y, x, height, width), 0.0,
-                              result)
+            result = tl.where(
+                _in_cutout(draw_b_ptr, magnitude, image, y, x, height, width), 0.0, result
+            )
         if OP_B == _NOISE:
             magnitude = tl.load(params_b).to(ACC_TYPE)
             result = result + magnitude * tl.randn(seed_b, flat).to(ACC_TYPE)
@@ -210,7 +301,7 @@ def _augment_pair_op(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """op_b(op_a(x)) as a contiguous map of out_dtype; op_b may be NO_OP."""
-    images, channels, height, width = x.shape
+    _, channels, height, width = x.shape
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(out.numel()))
     wrap_triton(_feature_augment_kernel)[(triton.cdiv(out.numel(), block),)](
@@ -256,9 +347,9 @@ def feature_augment(x, op_ids, values, draws):
     values = values.to(device=x.device, dtype=torch.float32)
     out = x.detach()
     for start in range(0, len(op_ids), 2):
-        pair = list(op_ids[start:start + 2])
-        pair_draws = list(draws[start:start + 2])
-        rows = [_op_parameters(op, value) for op, value in zip(pair, values[start:start + 2])]
+        pair = list(op_ids[start : start + 2])
+        pair_draws = list(draws[start : start + 2])
+        rows = [_op_parameters(op, value) for op, value in zip(pair, values[start : start + 2])]
         if len(pair) == 1:
             pair.append(NO_OP)
             pair_draws.append(None)

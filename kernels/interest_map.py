@@ -69,8 +69,9 @@ def _candidates_kernel(
             ny = y + (dy - (KERNEL - 1) // 2)
             nx = x + (dx - (KERNEL - 1) // 2)
             inside = in_map & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-            neighbour = tl.load(base + ny * heat_stride_h + nx * heat_stride_w, mask=inside,
-                                other=float("-inf")).to(ACC_TYPE)
+            neighbour = tl.load(
+                base + ny * heat_stride_h + nx * heat_stride_w, mask=inside, other=float("-inf")
+            ).to(ACC_TYPE)
             pooled = tl.maximum(pooled, neighbour)
     peak = tl.where(value == pooled, value, 0.0)
 

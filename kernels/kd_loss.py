@@ -13,6 +13,8 @@ The temperature travels as a float32 kernel argument; float64 inputs otherwise c
 float64.
 """
 
+from __future__ import annotations
+
 import torch
 import triton
 import triton.language as tl
@@ -85,8 +87,12 @@ def _kd_kernel(
     cross = tl.zeros((BLOCK_R,), ACC_TYPE)
     if SINGLE_CHUNK:
         valid = (chunk < classes)[None, :]
-        a = _load_scaled(student_rows, chunk, student_stride_k, valid, row_ok, temperature, ACC_TYPE)
-        b = _load_scaled(teacher_rows, chunk, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE)
+        a = _load_scaled(
+            student_rows, chunk, student_stride_k, valid, row_ok, temperature, ACC_TYPE
+        )
+        b = _load_scaled(
+            teacher_rows, chunk, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE
+        )
         max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
         max_t, sum_t, _, shift_t = merge_chunk(max_t, sum_t, b)
         cross = tl.sum(tl.where(valid, tl.exp(b - shift_t[:, None]) * (b - a), 0.0), axis=1)
@@ -94,8 +100,12 @@ def _kd_kernel(
         for start in range(0, classes, BLOCK_K):
             index = start + chunk
             valid = (index < classes)[None, :]
-            a = _load_scaled(student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE)
-            b = _load_scaled(teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE)
+            a = _load_scaled(
+                student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE
+            )
+            b = _load_scaled(
+                teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE
+            )
             max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
             max_t, sum_t, rescale_t, shift_t = merge_chunk(max_t, sum_t, b)
             cross = cross * rescale_t + tl.sum(
@@ -131,8 +141,12 @@ def _kd_kernel(
             for start in range(0, classes, BLOCK_K):
                 index = start + chunk
                 valid = (index < classes)[None, :]
-                a = _load_scaled(student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE)
-                b = _load_scaled(teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE)
+                a = _load_scaled(
+                    student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE
+                )
+                b = _load_scaled(
+                    teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE
+                )
                 grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
                 tl.store(
                     grad_rows + index[None, :] * grad_stride_k,

@@ -7,13 +7,14 @@ The gradient is saved unscaled; backward multiplies it by grad_output / Z, the o
 it that autograd needs anyway.
 """
 
+from __future__ import annotations
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._common import (
-    MAX_TILE,
     TARGET_PROGRAMS,
     accumulator_type,
     loss_dtype,

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sokd
-import sokd.reference as reference
-from sokd import kernels, ops
+from sokd import kernels, ops, reference
 from sokd.augment_ops import (
     CHANNEL_DROP,
     CHANNEL_SHUFFLE,
@@ -75,6 +74,7 @@ def randn(*shape, dtype=torch.float32, scale=1.0):
 
 
 # masked_feature_loss ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (3, 17, 4, 4)])
@@ -146,6 +146,7 @@ def test_losses_in_float64_accumulate_in_float64():
 
 # kd_loss ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (3, 129), (2, 5, 3, 4), (1, 3, 1, 17)])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -187,6 +188,7 @@ def test_kd_loss_all_zero_weights_give_zero():
 
 # decoupled_kd_loss --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (4, 100), (2, 6, 3, 5)])
 def test_decoupled_kd_loss_matches_reference(dtype, shape):
@@ -205,7 +207,13 @@ def test_decoupled_kd_loss_rows_with_empty_class_set_or_empty_complement():
     class_mask[0] = False
     class_mask[1] = True
     assert_loss_parity(
-        ops.decoupled_kd_loss, (student,), teacher, class_mask, 2.0, 0.5, 1.5,
+        ops.decoupled_kd_loss,
+        (student,),
+        teacher,
+        class_mask,
+        2.0,
+        0.5,
+        1.5,
         dtype=torch.float32,
     )
 
@@ -215,7 +223,13 @@ def test_decoupled_kd_loss_long_rows_and_dkd_targets():
     student, teacher = randn(2, 9000, scale=3), randn(2, 9000, scale=3)
     class_mask = ops.top_class_mask(teacher, student, ratio=0.2)
     assert_loss_parity(
-        ops.decoupled_kd_loss, (student,), teacher, class_mask, 1.0, 8.0, 4.0,
+        ops.decoupled_kd_loss,
+        (student,),
+        teacher,
+        class_mask,
+        1.0,
+        8.0,
+        4.0,
         dtype=torch.float32,
     )
     target = torch.randint(0, 9000, (2,), device=DEVICE)
@@ -231,6 +245,7 @@ def test_decoupled_kd_loss_non_contiguous_dense_inputs():
 
 
 # interest_map -------------------------------------------------------------------------------
+
 
 def quantised_heat(shape, dtype):
     """Heat with many exact ties, so the lower-flat-index rule is exercised."""
@@ -278,6 +293,7 @@ def test_interest_map_many_chunks_and_large_k():
 
 
 # feature_augment ----------------------------------------------------------------------------
+
 
 def augment_with_draws(backend, x, op_ids, magnitudes, seed=0):
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -342,14 +358,18 @@ def test_feature_augment_affine_pair_is_composition_not_product():
     assert (result - single).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("op_ids", [(ROTATE, NOISE), (CUTOUT, CHANNEL_SHUFFLE), (NOISE, SHEAR_X)], ids=str)
+@pytest.mark.parametrize(
+    "op_ids", [(ROTATE, NOISE), (CUTOUT, CHANNEL_SHUFFLE), (NOISE, SHEAR_X)], ids=str
+)
 def test_feature_augment_identical_draws_give_identical_outputs(op_ids):
     x = randn(2, 3, 6, 6)
     magnitudes = torch.full((2,), 0.8, device=DEVICE)
     first = augment_with_draws("triton", x, op_ids, magnitudes, seed=5)
     second = augment_with_draws("triton", x, op_ids, magnitudes, seed=5)
     assert torch.equal(first, second)
-    draws = draw_randomness(op_ids, x.shape, x.device, torch.Generator(device=DEVICE).manual_seed(5))
+    draws = draw_randomness(
+        op_ids, x.shape, x.device, torch.Generator(device=DEVICE).manual_seed(5)
+    )
     direct = kernels.feature_augment(x, op_ids, op_values(magnitudes, op_ids), draws)
     assert torch.equal(first, direct)
 
@@ -383,12 +403,15 @@ def test_feature_augment_noise_is_read_through_the_second_op():
         shifted[..., : 8 - shift_pixels], noise_only[..., shift_pixels:], rtol=1e-4, atol=1e-5
     )
     torch.testing.assert_close(
-        shifted[..., 8 - shift_pixels :], torch.zeros_like(shifted[..., 8 - shift_pixels :]),
-        rtol=0, atol=1e-5,
+        shifted[..., 8 - shift_pixels :],
+        torch.zeros_like(shifted[..., 8 - shift_pixels :]),
+        rtol=0,
+        atol=1e-5,
     )
 
 
 # determinism and tracing --------------------------------------------------------------------
+
 
 def test_losses_are_bitwise_deterministic():
     torch.manual_seed(12)
