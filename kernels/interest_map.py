@@ -51,7 +51,6 @@ def _candidates_kernel(
     KERNEL: tl.constexpr,
     ACC_TYPE: tl.constexpr,
     BLOCK: tl.constexpr,
-    K_SLOTS: tl.constexpr,
 ):
     image = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -75,7 +74,7 @@ def _candidates_kernel(
             pooled = tl.maximum(pooled, neighbour)
     peak = tl.where(value == pooled, value, 0.0)
 
-    slot_base = (image * tl.num_programs(1) + chunk) * K_SLOTS
+    slot_base = (image * tl.num_programs(1) + chunk) * k
     best = tl.full((), float("inf"), ACC_TYPE)
     best_index = tl.full((), -1, tl.int64)
     for slot in range(k):
@@ -208,7 +207,6 @@ def _interest_map_op(
         KERNEL=kernel,
         ACC_TYPE=acc_type,
         BLOCK=chunk,
-        K_SLOTS=k,
         num_warps=num_warps_for(chunk),
     )
 

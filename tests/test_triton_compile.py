@@ -145,7 +145,7 @@ def _interest_map_cases():
                 "value_ptr": values,
                 "index_ptr": "*i64",
             },
-            {"KERNEL": 3, "ACC_TYPE": acc, "BLOCK": 1024, "K_SLOTS": 8},
+            {"KERNEL": 3, "ACC_TYPE": acc, "BLOCK": 1024},
         )
         yield (
             _decode_kernel,
