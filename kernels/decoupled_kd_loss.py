@@ -166,9 +166,11 @@ def _decoupled_kd_kernel(
     row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
     chunk = tl.arange(0, BLOCK_K)
-    student_rows = student_ptr + image * student_stride_n + row[:, None] * student_stride_r
-    teacher_rows = teacher_ptr + image * teacher_stride_n + row[:, None] * teacher_stride_r
-    mask_rows = mask_ptr + image * mask_stride_n + row[:, None] * mask_stride_r
+    # 64-bit row offsets: N x K logits with a large vocabulary pass 2^31 elements.
+    row_offset = row.to(tl.int64)[:, None]
+    student_rows = student_ptr + image * student_stride_n + row_offset * student_stride_r
+    teacher_rows = teacher_ptr + image * teacher_stride_n + row_offset * teacher_stride_r
+    mask_rows = mask_ptr + image * mask_stride_n + row_offset * mask_stride_r
 
     max_s_in = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
     max_s_out = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
@@ -280,7 +282,7 @@ def _decoupled_kd_kernel(
     tl.store(partial_ptr + tl.program_id(0), tl.sum(row_loss, axis=0))
 
     if COMPUTE_GRAD:
-        grad_rows = grad_ptr + image * grad_stride_n + row[:, None] * grad_stride_r
+        grad_rows = grad_ptr + image * grad_stride_n + row_offset * grad_stride_r
         if SINGLE_CHUNK:
             grad = _gradient(
                 a,

@@ -76,8 +76,10 @@ def _kd_kernel(
     row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
     chunk = tl.arange(0, BLOCK_K)
-    student_rows = student_ptr + image * student_stride_n + row[:, None] * student_stride_r
-    teacher_rows = teacher_ptr + image * teacher_stride_n + row[:, None] * teacher_stride_r
+    # 64-bit row offsets: N x K logits with a large vocabulary pass 2^31 elements.
+    row_offset = row.to(tl.int64)[:, None]
+    student_rows = student_ptr + image * student_stride_n + row_offset * student_stride_r
+    teacher_rows = teacher_ptr + image * teacher_stride_n + row_offset * teacher_stride_r
 
     max_s = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
     max_t = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
@@ -129,7 +131,7 @@ def _kd_kernel(
 
     if COMPUTE_GRAD:
         factor = (weight * temperature)[:, None]
-        grad_rows = grad_ptr + image * grad_stride_n + row[:, None] * grad_stride_r
+        grad_rows = grad_ptr + image * grad_stride_n + row_offset * grad_stride_r
         if SINGLE_CHUNK:
             grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
             tl.store(
