@@ -16,6 +16,7 @@ import sokd
 
 WORLD_SIZE = 2
 STEPS = 3
+SEARCH_STEPS = 2
 
 
 class Distilled(nn.Module):
@@ -77,7 +78,9 @@ def _train(rank, port, out_dir):
         search = sokd.PolicySearch(model, criterion, objective, search_epochs=1)
         optimizer = torch.optim.SGD(search.student_parameters(), lr=0.05, momentum=0.9)
         data = torch.Generator().manual_seed(rank)
-        for _ in range(STEPS):
+        for step in range(STEPS):
+            if step == SEARCH_STEPS:
+                search.end_epoch()  # the last steps run with the frozen policy
             x = torch.randn(4, 1, 6, 6, generator=data)
             y = torch.randint(0, 5, (4,), generator=data)
             with torch.no_grad():
