@@ -22,9 +22,7 @@ import sokd
 try:
     from sklearn.datasets import load_digits
 except ImportError as error:  # scikit-learn is an optional dependency of the examples
-    raise SystemExit(
-        "this example needs scikit-learn: pip install scikit-learn"
-    ) from error
+    raise SystemExit("this example needs scikit-learn: pip install scikit-learn") from error
 
 METHODS = ("student alone", "KD", "SoKD")
 
@@ -137,12 +135,15 @@ def train_student(method, teacher, train, seed, args):
             feature, logits = student(x)
             with torch.no_grad():
                 teacher_feature, teacher_logits = teacher(x)
-            sokd_loss = criterion(feature, teacher_feature, logits, teacher_logits, y, augment=augment)
+            sokd_loss = criterion(
+                feature, teacher_feature, logits, teacher_logits, y, augment=augment
+            )
             return F.cross_entropy(logits, y) + sokd_loss.total
 
         search = sokd.PolicySearch(student, criterion, objective, search_epochs=args.search_epochs)
         parameters = search.student_parameters()
     else:
+
         def objective(x, y):
             _, logits = student(x)
             loss = F.cross_entropy(logits, y)
@@ -176,8 +177,7 @@ def run(args):
     results = {"teacher": [accuracy(teacher, test)]}
     for method in METHODS:
         results[method] = [
-            accuracy(train_student(method, teacher, train, seed, args), test)
-            for seed in args.seeds
+            accuracy(train_student(method, teacher, train, seed, args), test) for seed in args.seeds
         ]
     results["seconds"] = time.perf_counter() - started
     return results
@@ -185,8 +185,10 @@ def run(args):
 
 def format_table(results, args):
     lines = [
-        f"digits: {args.epochs} epochs ({args.search_epochs} of policy search), "
-        f"seeds {', '.join(map(str, args.seeds))}, train fraction {args.train_fraction}",
+        (
+            f"digits: {args.epochs} epochs ({args.search_epochs} of policy search), "
+            f"seeds {', '.join(map(str, args.seeds))}, train fraction {args.train_fraction}"
+        ),
         "",
         "| model | test accuracy (%) |",
         "|---|---|",

@@ -169,16 +169,12 @@ class FeaturePolicy(nn.Module):
             sampling = (self.probability, self.logits)
             score = torch.autograd.grad(self.log_prob(sample), sampling)
             d_difference = torch.autograd.grad(c_soft - c_conditional, sampling, create_graph=True)
-            estimates = [
-                (objective - c_conditional) * s + dd for s, dd in zip(score, d_difference)
-            ]
+            estimates = [(objective - c_conditional) * s + dd for s, dd in zip(score, d_difference)]
             variance = torch.cat([e.reshape(-1) for e in estimates]).square().mean()
             cv_names, cv_params = zip(*self.control_variate.named_parameters())
             cv_grads = torch.autograd.grad(variance, cv_params)
         grads = {"probability": estimates[0].detach(), "logits": estimates[1].detach()}
-        grads.update(
-            (f"control_variate.{name}", grad) for name, grad in zip(cv_names, cv_grads)
-        )
+        grads.update((f"control_variate.{name}", grad) for name, grad in zip(cv_names, cv_grads))
         return grads
 
     def _require_sample(self, sample):

@@ -141,7 +141,9 @@ def test_relax_phi_gradient_matches_its_definition():
         with torch.no_grad():
             weight[0, column] += step
         numeric.append((upper - lower) / (2 * step))
-    torch.testing.assert_close(analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        analytic, torch.tensor(numeric, dtype=torch.float64), rtol=1e-5, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize(

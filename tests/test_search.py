@@ -268,7 +268,7 @@ def test_bad_arguments():
 
 
 def test_objective_must_return_a_scalar():
-    student, teacher, criterion = make_setup()
+    student, _, criterion = make_setup()
 
     def objective(x, y, augment=True):
         return student(x)[1]
