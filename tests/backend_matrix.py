@@ -134,7 +134,9 @@ def arrange(values, layout):
     if layout == "channels_last":
         return values.contiguous(memory_format=torch.channels_last)
     if layout == "strided":
-        wide = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=values.dtype, device=values.device)
+        wide = torch.zeros(
+            *values.shape[:-1], 2 * values.shape[-1], dtype=values.dtype, device=values.device
+        )
         wide[..., ::2] = values
         return wide[..., ::2]
     if layout == "broadcast":

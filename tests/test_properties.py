@@ -63,11 +63,15 @@ def losses_and_grads(backend, loss_fn, inputs, grad_scale):
     return loss, list(grads)
 
 
-def compare_losses(target, loss_fn, make_inputs, grad_scale, what, loss_scale=0.0, grad_scale_of_entry=0.0):
+def compare_losses(
+    target, loss_fn, make_inputs, grad_scale, what, loss_scale=0.0, grad_scale_of_entry=0.0
+):
     """Loss and gradients of the target against the reference. The optional scales are what a
     loss and a gradient entry amount to before cancellation (a KL of equal distributions is 0
     only up to rounding)."""
-    expected_loss, expected_grads = losses_and_grads("reference", loss_fn, make_inputs(), grad_scale)
+    expected_loss, expected_grads = losses_and_grads(
+        "reference", loss_fn, make_inputs(), grad_scale
+    )
     loss, grads = losses_and_grads(target.backend, loss_fn, make_inputs(), grad_scale)
     assert_matches(loss, expected_loss, f"{what} loss", loss_scale)
     for index, (grad, expected) in enumerate(zip(grads, expected_grads)):
@@ -75,7 +79,9 @@ def compare_losses(target, loss_fn, make_inputs, grad_scale, what, loss_scale=0.
             assert grad is None or not grad.any(), f"{what}: input {index} must get no gradient"
         else:
             assert grad is not None, f"{what}: input {index} got no gradient"
-            assert_matches(grad, expected, f"{what} gradient of input {index}", abs(grad_scale_of_entry))
+            assert_matches(
+                grad, expected, f"{what} gradient of input {index}", abs(grad_scale_of_entry)
+            )
 
 
 # --- masked_feature_loss -------------------------------------------------------------------
@@ -102,7 +108,9 @@ def feature_loss_cases(draw):
         "layouts": (draw(st.sampled_from(LAYOUTS_4D)), draw(st.sampled_from(LAYOUTS_4D))),
         "mask_layout": draw(st.sampled_from(LAYOUTS_2D)),
         "normalize": draw(st.sampled_from(["elements", "mask"])),
-        "requires_grad": draw(st.sampled_from([(True, False), (True, True), (False, True), (False, False)])),
+        "requires_grad": draw(
+            st.sampled_from([(True, False), (True, True), (False, True), (False, False)])
+        ),
         "grad_scale": draw(GRAD_SCALES),
     }
 
@@ -179,7 +187,10 @@ def logit_scales(case):
 
 
 def logit_inputs(case, target, extra=()):
-    student = leaf(place(case["student"], case["dtype"], case["layouts"][0], target.device), case["requires_grad"])
+    student = leaf(
+        place(case["student"], case["dtype"], case["layouts"][0], target.device),
+        case["requires_grad"],
+    )
     # The teacher requires grad too: backends must still give it no gradient.
     teacher = leaf(place(case["teacher"], case["dtype"], case["layouts"][1], target.device), True)
     return (student, teacher, *extra)
@@ -215,7 +226,9 @@ def test_kd_loss_matches_reference(target):
         def loss_fn(student, teacher, weight):
             return ops.kd_loss(student, teacher, case["temperature"], weight)
 
-        compare_losses(target, loss_fn, make_inputs, case["grad_scale"], "kd_loss", *logit_scales(case))
+        compare_losses(
+            target, loss_fn, make_inputs, case["grad_scale"], "kd_loss", *logit_scales(case)
+        )
 
     check()
 
@@ -258,7 +271,9 @@ def test_decoupled_kd_loss_matches_reference(target):
             )
 
         scales = [(case["alpha"] + case["beta"]) * scale for scale in logit_scales(case)]
-        compare_losses(target, loss_fn, make_inputs, case["grad_scale"], "decoupled_kd_loss", *scales)
+        compare_losses(
+            target, loss_fn, make_inputs, case["grad_scale"], "decoupled_kd_loss", *scales
+        )
 
     check()
 
