@@ -36,8 +36,7 @@ from ._common import accumulator_type, num_warps_for
 
 NO_OP = -1
 # One row of op parameters: the mapped magnitude v, then the 2 x 3 affine theta.
-_PARAMS_PER_OP = 7
-_PARAMS_PER_OP_CONST = tl.constexpr(_PARAMS_PER_OP)
+_PARAMS_PER_OP = tl.constexpr(7)
 
 _CUTOUT = tl.constexpr(CUTOUT)
 _NOISE = tl.constexpr(NOISE)
@@ -217,7 +216,7 @@ def _feature_augment_kernel(
     y = ((flat // width) % height).to(tl.int32)
     channel = ((flat // (width * height)) % channels).to(tl.int32)
     image = flat // (width * height * channels)
-    params_b = params_ptr + _PARAMS_PER_OP_CONST
+    params_b = params_ptr + _PARAMS_PER_OP
     if AFFINE_B:
         source_y, source_x = _source_point(params_b, y, x, height, width, ACC_TYPE)
         result = tl.zeros((BLOCK,), ACC_TYPE)
@@ -353,7 +352,7 @@ def feature_augment(x, op_ids, values, draws):
         if len(pair) == 1:
             pair.append(NO_OP)
             pair_draws.append(None)
-            rows.append(values.new_zeros(_PARAMS_PER_OP))
+            rows.append(values.new_zeros(_PARAMS_PER_OP.value))
         tensors = [draw if isinstance(draw, torch.Tensor) else None for draw in pair_draws]
         seeds = [draw if op == NOISE else 0 for op, draw in zip(pair, pair_draws)]
         last = start + 2 >= len(op_ids)
