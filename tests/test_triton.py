@@ -118,11 +118,20 @@ def test_masked_feature_loss_many_channels_split_over_programs():
     )
 
 
-def test_masked_feature_loss_without_grad_matches():
+@pytest.mark.parametrize("name", ["masked_feature_loss", "kd_loss", "decoupled_kd_loss"])
+def test_losses_without_grad_skip_the_gradient_and_match(name):
+    # Under no_grad the kernels write no gradient; the loss must not change.
+    torch.manual_seed(17)
     student, teacher = randn(2, 3, 4, 5), randn(2, 3, 4, 5)
+    args = {
+        "masked_feature_loss": (),
+        "kd_loss": (2.0,),
+        "decoupled_kd_loss": (teacher > 0, 1.0, 8.0, 2.0),
+    }[name]
+    op = getattr(ops, name)
     with torch.no_grad():
-        loss = run("triton", ops.masked_feature_loss, student, teacher)
-    expected = run("reference", ops.masked_feature_loss, student, teacher)
+        loss = run("triton", op, student.clone().requires_grad_(), teacher, *args)
+    expected = run("reference", op, student, teacher, *args)
     torch.testing.assert_close(loss, expected)
 
 
