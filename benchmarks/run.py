@@ -28,6 +28,7 @@ from shapes import GPU_ONLY_PRESETS, PRESETS, QUICK_SHAPE, SHAPE_SYNTAX, parse_s
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_BUDGET = Budget(warmup=1, min_reps=5, max_reps=200, budget_s=1.0)
+OUTPUT_OPTIONS = ("--json", "--markdown", "--plot")
 QUICK_BUDGET = Budget(warmup=0, min_reps=3, max_reps=50, budget_s=0.1, slow_reps=1)
 
 
@@ -119,6 +120,19 @@ def selected_shapes(args):
     return shapes, skipped
 
 
+def _measuring_command(argv):
+    """The command line that reproduces the measurement, without the output paths."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in OUTPUT_OPTIONS:
+            skip_next = True
+        elif arg.split("=", 1)[0] not in OUTPUT_OPTIONS:
+            kept.append(arg)
+    return " ".join(["python benchmarks/run.py"] + kept)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads is not None:
@@ -163,9 +177,9 @@ def main(argv=None):
         with open(args.json, "w") as out:
             json.dump(run, out, indent=1)
     if args.markdown:
-        command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
         with open(args.markdown, "w") as out:
-            out.write(report.markdown(run, command.strip()))
+            out.write(report.markdown(run, _measuring_command(sys.argv[1:] if argv is None
+                                                              else argv)))
     if args.plot:
         problem = report.plot(run, args.plot)
         if problem is None:
