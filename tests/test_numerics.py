@@ -29,6 +29,10 @@ NAN_DROPPED = {
         "the Triton decoupled KD kernel drops a NaN student logit (tl.maximum does not "
         "propagate NaN by default) and returns a finite loss"
     ),
+    ("interest_map-heat", "triton"): (
+        "the Triton local-maximum step ignores a NaN heat value, where the reference's max-pool "
+        "spreads it and so suppresses every peak within the kernel window around it"
+    ),
     ("feature_augment-magnitudes", "cpu"): (
         "the native affine sampler treats NaN sample coordinates as outside the map and "
         "returns zeros, where grid_sample (the reference) returns NaN"
@@ -388,12 +392,12 @@ def test_nan_propagates_without_check_finite(request, target, call_index):
     if is_loss:
         assert torch.isnan(result), f"NaN in {argument} must reach the loss, got {result}"
     elif isinstance(result, tuple):
-        count, boxes, scores = result
-        k = boxes.shape[1]
+        # Boxes that cover nothing may be encoded differently; what they cover may not.
+        count, _, scores = result
         for value, reference in zip(result, expected):
             assert value.shape == reference.shape and value.dtype == reference.dtype
-        assert scores.shape == (count.shape[0], k)
-        assert ((count >= 0) & (count <= k)).all(), f"counts outside [0, {k}]: {count}"
+        assert torch.equal(count, expected[0]), f"count map:\n{count}\n!=\n{expected[0]}"
+        assert torch.equal(scores, expected[2]), f"scores:\n{scores}\n!=\n{expected[2]}"
     else:
         assert result.shape == expected.shape
         assert torch.isnan(result).any() == torch.isnan(expected).any(), "NaN must propagate"
