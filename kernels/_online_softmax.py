@@ -24,6 +24,10 @@ def merge_chunk(running_max, running_sum, values):
 
 @triton.jit
 def log_sum_exp(running_max, running_sum):
-    """log of the sum of exponentials; -inf for a row (or class group) with no entries."""
-    safe_sum = tl.where(running_sum > 0, running_sum, 1.0)
-    return tl.where(running_sum > 0, running_max + tl.log(safe_sum), float("-inf"))
+    """log of the sum of exponentials; -inf for a row (or class group) with no entries.
+
+    Only an empty group sums to exactly 0 (any entry adds exp(0) = 1 at the maximum), so a NaN
+    sum stays NaN rather than passing for an empty group."""
+    empty = running_sum == 0
+    safe_sum = tl.where(empty, 1.0, running_sum)
+    return tl.where(empty, float("-inf"), running_max + tl.log(safe_sum))

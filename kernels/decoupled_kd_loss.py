@@ -267,8 +267,9 @@ def _decoupled_kd_kernel(
     lse_t_out = log_sum_exp(max_t_out, sum_t_out)
     lse_s = _log_add_exp(lse_s_in, lse_s_out)
     lse_t = _log_add_exp(lse_t_in, lse_t_out)
-    has_in = sum_s_in > 0
-    has_out = sum_s_out > 0
+    # A NaN logit makes its group's sum NaN, which must count as present so that it propagates.
+    has_in = sum_s_in != 0
+    has_out = sum_s_out != 0
     log_p_t_in = lse_t_in - lse_t
     log_p_t_out = lse_t_out - lse_t
     p_t_in = tl.exp(log_p_t_in)

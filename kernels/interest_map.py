@@ -71,7 +71,8 @@ def _candidates_kernel(
             neighbour = tl.load(
                 base + ny * heat_stride_h + nx * heat_stride_w, mask=inside, other=float("-inf")
             ).to(ACC_TYPE)
-            pooled = tl.maximum(pooled, neighbour)
+            # NaN spreads through the window, as it does through the reference's max-pool.
+            pooled = tl.maximum(pooled, neighbour, propagate_nan=tl.PropagateNan.ALL)
     peak = tl.where(value == pooled, value, 0.0)
 
     slot_base = (image * tl.num_programs(1) + chunk) * k

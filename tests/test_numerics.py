@@ -25,14 +25,6 @@ REFERENCE_DKD_PRECISION = (
     "that by |z|/T"
 )
 NAN_DROPPED = {
-    ("decoupled_kd_loss-student_logits", "triton"): (
-        "the Triton decoupled KD kernel drops a NaN student logit (tl.maximum does not "
-        "propagate NaN by default) and returns a finite loss"
-    ),
-    ("interest_map-heat", "triton"): (
-        "the Triton local-maximum step ignores a NaN heat value, where the reference's max-pool "
-        "spreads it and so suppresses every peak within the kernel window around it"
-    ),
     ("feature_augment-magnitudes", "cpu"): (
         "the native affine sampler treats NaN sample coordinates as outside the map and "
         "returns zeros, where grid_sample (the reference) returns NaN"
