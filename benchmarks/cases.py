@@ -6,9 +6,9 @@ reference (the loss or output first, then the gradients). A case also knows the 
 fused implementation must at least read and write, which give the effective bandwidth.
 """
 
+import peers
 import torch
 
-import peers
 import sokd
 from sokd import reference
 from sokd.augment_ops import ROTATE, SHEAR_X, op_values
@@ -20,9 +20,9 @@ AUGMENT_OPS = (SHEAR_X, ROTATE)
 AUGMENT_MAGNITUDES = (0.7, 0.3)
 
 # On the CPU the SoKDLoss step is dominated by the DAM head's 3x3 convolutions. Beyond this
-# many floating-point operations per step one step takes minutes on a small CPU, and the
-# timing would say nothing about sokd's own kernels.
-CPU_STEP_FLOP_LIMIT = 2e12
+# many floating-point operations per step one step takes tens of seconds on a small CPU, and
+# the timing would say little about sokd's own kernels.
+CPU_STEP_FLOP_LIMIT = 5e11
 
 
 class Contender:
@@ -106,14 +106,13 @@ class Case:
             Contender("compile", "compile", self._compiled_step, compile_skip_reason),
         ]
         for name, reason in backends:
-            found.append(Contender(
-                name, "backend", lambda x, name=name: self._sokd_step(name, x), reason
-            ))
+            found.append(
+                Contender(name, "backend", lambda x, name=name: self._sokd_step(name, x), reason)
+            )
         return found + self.peer_contenders(device)
 
     def _sokd_step(self, backend, inputs):
-        return _with_backend(backend, lambda: self.backward(self.forward(inputs, sokd.ops),
-                                                            inputs))
+        return _with_backend(backend, lambda: self.backward(self.forward(inputs, sokd.ops), inputs))
 
     def _compiled_step(self, inputs):
         # A fresh compile per case and shape: dynamo would otherwise reuse or generalise the
@@ -158,9 +157,7 @@ class KdLoss(Case):
 
     def peer_contenders(self, device):
         def plain(x):
-            return lambda: self.backward(
-                peers.plain_kd(x["student"], x["teacher"], TEMPERATURE), x
-            )
+            return lambda: self.backward(peers.plain_kd(x["student"], x["teacher"], TEMPERATURE), x)
 
         liger_class, reason = peers.liger_kl_div_class()
         if liger_class is not None and device.type != "cuda":
@@ -189,8 +186,7 @@ class DecoupledKdLoss(Case):
         target = torch.randint(0, shape.k, row_shape, device=device)
         class_mask = torch.zeros_like(student, dtype=torch.bool)
         class_mask.scatter_(1, target.unsqueeze(1), True)
-        return {"student": student, "teacher": teacher, "target": target,
-                "class_mask": class_mask}
+        return {"student": student, "teacher": teacher, "target": target, "class_mask": class_mask}
 
     def bytes_moved(self, x):
         return _elements_bytes(x["student"], x["teacher"], x["class_mask"], x["student"])
@@ -203,8 +199,9 @@ class DecoupledKdLoss(Case):
     def peer_contenders(self, device):
         def plain(x):
             return lambda: self.backward(
-                peers.plain_dkd(x["student"], x["teacher"], x["target"], DKD_ALPHA, DKD_BETA,
-                                TEMPERATURE),
+                peers.plain_dkd(
+                    x["student"], x["teacher"], x["target"], DKD_ALPHA, DKD_BETA, TEMPERATURE
+                ),
                 x,
             )
 
@@ -263,8 +260,9 @@ class FeatureAugment(Case):
 
     def reference_forward(self, x):
         values = op_values(x["magnitudes"], AUGMENT_OPS)
-        augmented = reference.feature_augment(x["x"], AUGMENT_OPS, values,
-                                              [None] * len(AUGMENT_OPS))
+        augmented = reference.feature_augment(
+            x["x"], AUGMENT_OPS, values, [None] * len(AUGMENT_OPS)
+        )
         # SPEC section 2: the value is the augmented map, and each magnitude's gradient is the
         # sum of the output's gradient.
         magnitudes = x["magnitudes"]
@@ -284,7 +282,11 @@ class SoKDStep(Case):
 
     name = "SoKDLoss step"
     needs_features = True
-    tolerance_scale = 10.0
+    # Each op is checked tightly in its own case; here the check catches dispatch and wiring
+    # errors, which are of order one. The 3x3 conv weight gradient sums N*H*W products and
+    # differs from the eager reference by up to ~1e-2 of its largest value under a different
+    # summation order (torch.compile of the reference itself shows 4e-3 at the cifar preset).
+    tolerance_scale = 100.0
     slow_to_compile = True
 
     @staticmethod
@@ -295,8 +297,10 @@ class SoKDStep(Case):
     def skip_reason(self, shape, device):
         reason = super().skip_reason(shape, device)
         if reason is None and device.type == "cpu" and self.head_flop(shape) > CPU_STEP_FLOP_LIMIT:
-            reason = (f"the DAM head's convolutions need {self.head_flop(shape) / 1e12:.1f} TFLOP "
-                      "per step, minutes on a CPU; run it on a GPU")
+            reason = (
+                f"the DAM head's convolutions need {self.head_flop(shape) / 1e12:.1f} TFLOP "
+                "per step, tens of seconds or more on a CPU and not sokd's work; run it on a GPU"
+            )
         return reason
 
     def make_inputs(self, shape, device, dtype):
@@ -305,7 +309,10 @@ class SoKDStep(Case):
             policy.probability.fill_(1.0)
             policy.magnitude.copy_(torch.tensor([AUGMENT_MAGNITUDES]))
         module = sokd.SoKDLoss(
-            shape.c, shape.c, policy=policy, logit_loss="kd" if shape.dense else "masked",
+            shape.c,
+            shape.c,
+            policy=policy,
+            logit_loss="kd" if shape.dense else "masked",
             temperature=TEMPERATURE,
         ).to(device=device, dtype=dtype)
         student_logits, teacher_logits = _logit_pair(shape, device, dtype)
@@ -334,6 +341,12 @@ class SoKDStep(Case):
         return (total.detach(), *(g for g in grads if g is not None))
 
 
-CASES = (MaskedFeatureLoss(), KdLoss(), DecoupledKdLoss(), InterestMap(), FeatureAugment(),
-         SoKDStep())
+CASES = (
+    MaskedFeatureLoss(),
+    KdLoss(),
+    DecoupledKdLoss(),
+    InterestMap(),
+    FeatureAugment(),
+    SoKDStep(),
+)
 CASE_NAMES = tuple(case.name for case in CASES)

@@ -20,8 +20,12 @@ import torch
 
 # Relative tolerance of the output check, against the largest magnitude of each reference
 # tensor: fp32 differs from the reference only by summation order.
-CHECK_TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 3e-2,
-                   torch.float16: 1e-2}
+CHECK_TOLERANCE = {
+    torch.float32: 2e-4,
+    torch.float64: 1e-9,
+    torch.bfloat16: 3e-2,
+    torch.float16: 1e-2,
+}
 
 
 @dataclass
@@ -52,8 +56,11 @@ def synchronize(device):
 def time_step(step, device, budget):
     """Median and interquartile range of `step`'s wall time, after budget.warmup runs."""
     for _ in range(budget.warmup):
+        begin = time.perf_counter()
         step()
-    synchronize(device)
+        synchronize(device)
+        if time.perf_counter() - begin > budget.slow_s:
+            break  # a slow step is warm after one run; more would only cost time
     times = []
     start = time.perf_counter()
     while True:
@@ -100,8 +107,10 @@ def peak_extra_bytes(step, device):
         del outputs
         return max(peak, 0)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with _quiet_stderr(), torch.profiler.profile(activities=activities,
-                                                 profile_memory=True) as profile:
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=activities, profile_memory=True) as profile,
+    ):
         step()
     events = [e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0

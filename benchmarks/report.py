@@ -2,8 +2,17 @@
 
 import importlib
 
-COLUMNS = ("contender", "status", "median ms", "IQR ms", "peak MiB", "GB/s", "of copy",
-           "vs eager", "vs compile")
+COLUMNS = (
+    "contender",
+    "status",
+    "median ms",
+    "IQR ms",
+    "peak MiB",
+    "GB/s",
+    "of copy",
+    "vs eager",
+    "vs compile",
+)
 
 
 def _number(value, pattern):
@@ -41,8 +50,10 @@ def _case_title(result):
         title += " (forward only: no backward)"
     if result["copy"] is not None:
         copy = result["copy"]
-        title += (f" - {result['bytes'] / 2**20:.2f} MiB moved; copy of the same bytes "
-                  f"{copy['median_s'] * 1e3:.3f} ms = {copy['gbps']:.1f} GB/s")
+        title += (
+            f" - {result['bytes'] / 2**20:.2f} MiB moved; copy of the same bytes "
+            f"{copy['median_s'] * 1e3:.3f} ms = {copy['gbps']:.1f} GB/s"
+        )
     return title
 
 
@@ -52,13 +63,18 @@ def header_lines(run):
         f"sokd {software['sokd']} benchmark, {run['date']}",
         f"device: {machine['device']} ({machine['device_name']})"
         + (f", {machine['threads']} threads" if machine["threads"] else "")
-        + (f", load average {machine['load_average_1min']:.1f} at start"
-           if machine["load_average_1min"] is not None else "")
+        + (
+            f", load average {machine['load_average_1min']:.1f} at start"
+            if machine["load_average_1min"] is not None
+            else ""
+        )
         + f"; torch {software['torch']}; dtype {settings['dtype']}"
         + ("; --quick" if settings["quick"] else ""),
         f"sokd backends available: {', '.join(run['backends_available'])}",
-        "times: forward+backward, median and interquartile range over repeated runs after "
-        "warm-up; speed-ups are ratios of medians",
+        (
+            "times: forward+backward, median and interquartile range over repeated runs after "
+            "warm-up; speed-ups are ratios of medians"
+        ),
     ]
 
 
@@ -71,17 +87,28 @@ def text_table(run):
             lines.append(f"  skipped: {result['reason']}")
             continue
         rows = [_cells(entry) for entry in result["contenders"]]
-        widths = [max(len(COLUMNS[i]), *(len(r[i]) for r in rows if len(r) == len(COLUMNS)))
-                  for i in range(len(COLUMNS))]
-        lines.append("  " + "  ".join(c.rjust(w) if i > 1 else c.ljust(w)
-                                      for i, (c, w) in enumerate(zip(COLUMNS, widths))))
+        widths = [
+            max(len(COLUMNS[i]), *(len(r[i]) for r in rows if len(r) == len(COLUMNS)))
+            for i in range(len(COLUMNS))
+        ]
+        lines.append(
+            "  "
+            + "  ".join(
+                c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(COLUMNS, widths))
+            )
+        )
         for row in rows:
             if len(row) != len(COLUMNS):
                 name, status, reason = row
                 lines.append(f"  {name.ljust(widths[0])}  {status.ljust(widths[1])}  {reason}")
             else:
-                lines.append("  " + "  ".join(c.rjust(w) if i > 1 else c.ljust(w)
-                                              for i, (c, w) in enumerate(zip(row, widths))))
+                lines.append(
+                    "  "
+                    + "  ".join(
+                        c.rjust(w) if i > 1 else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))
+                    )
+                )
     return "\n".join(lines)
 
 
@@ -89,9 +116,11 @@ def markdown(run, command):
     lines = [f"# sokd benchmark: {run['machine']['device_name']}", ""]
     lines += [f"- {line}" for line in header_lines(run)]
     lines.append(f"- command: `{command}`")
-    lines.append("- peak MiB: peak extra memory of one step; GB/s: bytes a fused kernel must "
-                 "read and write, over the median time; of copy: that rate relative to a "
-                 "device-to-device copy of the same bytes timed in the same run")
+    lines.append(
+        "- peak MiB: peak extra memory of one step; GB/s: bytes a fused kernel must "
+        "read and write, over the median time; of copy: that rate relative to a "
+        "device-to-device copy of the same bytes timed in the same run"
+    )
     for result in run["results"]:
         lines += ["", f"## {_case_title(result)}", ""]
         if result["status"] == "skipped":
@@ -112,8 +141,10 @@ def plot(run, path):
     try:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError:
-        return ("matplotlib is not installed, so no plot was written "
-                "(pip install matplotlib, or pip install 'sokd[plot]')")
+        return (
+            "matplotlib is not installed, so no plot was written "
+            "(pip install matplotlib, or pip install 'sokd[plot]')"
+        )
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
 
@@ -137,8 +168,9 @@ def plot(run, path):
     axes.set_yscale("log")
     axes.set_ylabel("speed-up over eager reference (x)")
     axes.set_xticks(range(len(groups)))
-    axes.set_xticklabels([f"{r['preset']}\n{r['case']}" for r in groups], fontsize=7,
-                         rotation=30, ha="right")
+    axes.set_xticklabels(
+        [f"{r['preset']}\n{r['case']}" for r in groups], fontsize=7, rotation=30, ha="right"
+    )
     axes.set_title(f"sokd forward+backward, {run['machine']['device_name']}")
     axes.legend(fontsize=7)
     figure.tight_layout()

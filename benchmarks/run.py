@@ -17,14 +17,14 @@ import os
 import platform
 import sys
 
-import torch
-
 import report
-import sokd
 import suite
+import torch
 from cases import CASE_NAMES
 from measure import Budget
 from shapes import GPU_ONLY_PRESETS, PRESETS, QUICK_SHAPE, SHAPE_SYNTAX, parse_shape
+
+import sokd
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_BUDGET = Budget(warmup=1, min_reps=5, max_reps=200, budget_s=1.0)
@@ -59,28 +59,55 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1],
     )
-    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                        help="a named shape; repeat for several (default: every preset that "
-                             "runs on the device)")
-    parser.add_argument("--shape", action="append", type=_shape_argument, metavar="SPEC",
-                        help=f"a custom shape, {SHAPE_SYNTAX}; repeat for several")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a small CIFAR-like shape ({QUICK_SHAPE.describe()}) and short "
-                             "timing, unless --preset or --shape say otherwise")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--preset",
+        action="append",
+        choices=sorted(PRESETS),
+        help="a named shape; repeat for several (default: every preset that runs on the device)",
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=_shape_argument,
+        metavar="SPEC",
+        help=f"a custom shape, {SHAPE_SYNTAX}; repeat for several",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a small CIFAR-like shape ({QUICK_SHAPE.describe()}) and short "
+        "timing, unless --preset or --shape say otherwise",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available)",
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: torch's own choice)")
-    parser.add_argument("--case", action="append", choices=CASE_NAMES, dest="cases",
-                        help="measure only this case; repeat for several (default: all)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="leave out torch.compile, whose first compile of each case takes "
-                             "seconds to minutes on a CPU")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's own choice)",
+    )
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=CASE_NAMES,
+        dest="cases",
+        help="measure only this case; repeat for several (default: all)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave out torch.compile, whose first compile of each case takes "
+        "seconds to minutes on a CPU",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the results as markdown")
-    parser.add_argument("--plot", metavar="PATH",
-                        help="write a PNG bar chart of speed-ups (needs matplotlib)")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write a PNG bar chart of speed-ups (needs matplotlib)"
+    )
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -153,21 +180,41 @@ def main(argv=None):
             return "left out by --quick: compiling the whole step takes over a minute on a CPU"
         return None
 
-    results = suite.run(shapes, args.device, DTYPES[args.dtype], budget,
-                        set(args.cases or CASE_NAMES), compile_skip_reason)
+    results = suite.run(
+        shapes,
+        args.device,
+        DTYPES[args.dtype],
+        budget,
+        set(args.cases or CASE_NAMES),
+        compile_skip_reason,
+    )
     run = {
         "schema_version": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"device": args.device.type, "device_name": _device_name(args.device),
-                    "threads": _threads(args.device),
-                    # Other work on the machine slows every contender alike; this says how much
-                    # there was.
-                    "load_average_1min": load_before},
-        "software": {"sokd": sokd.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "settings": {"dtype": args.dtype, "quick": args.quick, "compile": not args.no_compile,
-                     "budget": {"warmup": budget.warmup, "min_reps": budget.min_reps,
-                                "max_reps": budget.max_reps, "budget_s": budget.budget_s}},
+        "machine": {
+            "device": args.device.type,
+            "device_name": _device_name(args.device),
+            "threads": _threads(args.device),
+            # Other work on the machine slows every contender alike; this says how much
+            # there was.
+            "load_average_1min": load_before,
+        },
+        "software": {
+            "sokd": sokd.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "dtype": args.dtype,
+            "quick": args.quick,
+            "compile": not args.no_compile,
+            "budget": {
+                "warmup": budget.warmup,
+                "min_reps": budget.min_reps,
+                "max_reps": budget.max_reps,
+                "budget_s": budget.budget_s,
+            },
+        },
         "backends_available": sokd.available_backends(),
         "skipped_presets": [{"preset": n, "reason": r} for n, r in skipped_presets],
         "results": results,
@@ -178,8 +225,9 @@ def main(argv=None):
             json.dump(run, out, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as out:
-            out.write(report.markdown(run, _measuring_command(sys.argv[1:] if argv is None
-                                                              else argv)))
+            out.write(
+                report.markdown(run, _measuring_command(sys.argv[1:] if argv is None else argv))
+            )
     if args.plot:
         problem = report.plot(run, args.plot)
         if problem is None:

@@ -62,8 +62,9 @@ def parse_shape(text):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--shape items must look like KEY=VALUE, got {item!r}; syntax: "
-                             f"{SHAPE_SYNTAX}")
+            raise ValueError(
+                f"--shape items must look like KEY=VALUE, got {item!r}; syntax: {SHAPE_SYNTAX}"
+            )
         if key not in _SIZE_KEYS + ("dense",):
             raise ValueError(f"--shape key {key!r} is not one of N, C, H, W, K, dense")
         if key in fields:

@@ -4,10 +4,10 @@ import sys
 import time
 
 import torch
-
-import sokd
 from cases import CASES
 from measure import compare, peak_extra_bytes, time_step
+
+import sokd
 
 NATIVE_BACKENDS = ("cpu", "cuda", "triton")
 
@@ -39,8 +39,11 @@ class Progress:
 
     def report(self, label, outcome, seconds):
         self.done += 1
-        print(f"[{self.done}/{self.total}] {label}: {outcome} [{seconds:.1f} s]",
-              file=self.stream, flush=True)
+        print(
+            f"[{self.done}/{self.total}] {label}: {outcome} [{seconds:.1f} s]",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def _copy_roofline(num_bytes, device, budget):
@@ -49,14 +52,28 @@ def _copy_roofline(num_bytes, device, budget):
     source = torch.rand(elements, device=device)
     target = torch.empty_like(source)
     timing = time_step(lambda: target.copy_(source), device, budget)
-    return {"median_s": timing.median_s, "iqr_s": timing.iqr_s,
-            "gbps": 8 * elements / timing.median_s / 1e9}
+    return {
+        "median_s": timing.median_s,
+        "iqr_s": timing.iqr_s,
+        "gbps": 8 * elements / timing.median_s / 1e9,
+    }
 
 
 def _skipped(contender, reason, status="skipped"):
-    return {"name": contender.name, "kind": contender.kind, "status": status, "reason": reason,
-            "median_s": None, "iqr_s": None, "reps": 0, "peak_extra_bytes": None, "gbps": None,
-            "of_copy": None, "speedup_vs_eager": None, "speedup_vs_compile": None}
+    return {
+        "name": contender.name,
+        "kind": contender.kind,
+        "status": status,
+        "reason": reason,
+        "median_s": None,
+        "iqr_s": None,
+        "reps": 0,
+        "peak_extra_bytes": None,
+        "gbps": None,
+        "of_copy": None,
+        "speedup_vs_eager": None,
+        "speedup_vs_compile": None,
+    }
 
 
 def run_contender(contender, inputs, expected, device, dtype, budget, tolerance_scale):
@@ -66,10 +83,9 @@ def run_contender(contender, inputs, expected, device, dtype, budget, tolerance_
     try:
         step = contender.prepare(inputs)
         outputs = step()
-    except Exception as error:  # a contender that cannot run is reported, not fatal
+    except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported
         return _skipped(contender, f"raised {type(error).__name__}: {error}", "wrong"), None
-    mismatch = compare(outputs, outputs if expected is None else expected, dtype,
-                       tolerance_scale)
+    mismatch = compare(outputs, outputs if expected is None else expected, dtype, tolerance_scale)
     if mismatch is not None:
         return _skipped(contender, mismatch, "wrong"), None
     entry = _skipped(contender, None, "ok")
@@ -106,14 +122,22 @@ def planned_work(shapes, device, case_names, compile_skip_reason=_compile_everyt
             if case.name not in case_names:
                 continue
             reason = case.skip_reason(shape, device)
-            contenders = None if reason else case.contenders(device, backends,
-                                                             compile_skip_reason(case))
+            contenders = (
+                None if reason else case.contenders(device, backends, compile_skip_reason(case))
+            )
             plan.append((preset, shape, case, contenders, reason))
     return plan
 
 
-def run(shapes, device, dtype, budget, case_names, compile_skip_reason=_compile_everything,
-        progress_stream=sys.stderr):
+def run(
+    shapes,
+    device,
+    dtype,
+    budget,
+    case_names,
+    compile_skip_reason=_compile_everything,
+    progress_stream=sys.stderr,
+):
     """Measure every planned case; returns the list of result entries."""
     plan = planned_work(shapes, device, case_names, compile_skip_reason)
     progress = Progress(sum(len(c) if c else 1 for _, _, _, c, _ in plan), progress_stream)
@@ -121,9 +145,17 @@ def run(shapes, device, dtype, budget, case_names, compile_skip_reason=_compile_
     results = []
     try:
         for preset, shape, case, contenders, reason in plan:
-            result = {"preset": preset, "shape": shape.as_dict(), "case": case.name,
-                      "has_backward": case.has_backward, "status": "skipped" if reason else "ok",
-                      "reason": reason, "bytes": None, "copy": None, "contenders": []}
+            result = {
+                "preset": preset,
+                "shape": shape.as_dict(),
+                "case": case.name,
+                "has_backward": case.has_backward,
+                "status": "skipped" if reason else "ok",
+                "reason": reason,
+                "bytes": None,
+                "copy": None,
+                "contenders": [],
+            }
             results.append(result)
             if reason:
                 progress.report(f"{preset} {case.name}", f"skipped ({reason})", 0.0)
@@ -133,12 +165,14 @@ def run(shapes, device, dtype, budget, case_names, compile_skip_reason=_compile_
             expected = None
             for contender in contenders:
                 started = time.perf_counter()
-                entry, outputs = run_contender(contender, inputs, expected, device, dtype,
-                                                budget, case.tolerance_scale)
+                entry, outputs = run_contender(
+                    contender, inputs, expected, device, dtype, budget, case.tolerance_scale
+                )
                 if contender.kind == "reference":
                     if outputs is None:
-                        raise RuntimeError(f"the eager reference failed on {case.name}: "
-                                           f"{entry['reason']}")
+                        raise RuntimeError(
+                            f"the eager reference failed on {case.name}: {entry['reason']}"
+                        )
                     expected = outputs
                 result["contenders"].append(entry)
                 outcome = entry["status"]
@@ -146,8 +180,9 @@ def run(shapes, device, dtype, budget, case_names, compile_skip_reason=_compile_
                     outcome += f" {entry['median_s'] * 1e3:.3f} ms"
                 else:
                     outcome += f" ({entry['reason']})"
-                progress.report(f"{preset} {case.name} {contender.name}", outcome,
-                                time.perf_counter() - started)
+                progress.report(
+                    f"{preset} {case.name} {contender.name}", outcome, time.perf_counter() - started
+                )
             result["bytes"] = case.bytes_moved(inputs)
             if result["bytes"] is not None:
                 result["copy"] = _copy_roofline(result["bytes"], device, budget)

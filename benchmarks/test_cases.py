@@ -7,12 +7,12 @@ Each contender is checked against the eager reference before it is timed, as in 
 
 import pytest
 import torch
-
-import sokd
 from cases import CASES
 from measure import compare
 from shapes import Shape
 from suite import backend_skip_reasons
+
+import sokd
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL_SHAPES = {
@@ -28,8 +28,9 @@ def _params():
             if case.skip_reason(shape, DEVICE) is not None:
                 continue
             for contender in case.contenders(DEVICE, backends):
-                yield pytest.param(shape, case, contender,
-                                   id=f"{shape_name}-{case.name}-{contender.name}")
+                yield pytest.param(
+                    shape, case, contender, id=f"{shape_name}-{case.name}-{contender.name}"
+                )
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,7 @@ def test_forward_backward(benchmark, shape, case, contender):
     assert mismatch is None, f"{contender.name} disagrees with the reference: {mismatch}"
     benchmark.group = f"{case.name} {shape.describe()}"
     if DEVICE.type == "cuda":
+
         def synchronized_step():
             outputs = step()
             torch.cuda.synchronize()
