@@ -1,13 +1,15 @@
 """sokd: Student-Oriented Knowledge Distillation (SoKD, ACM MM 2024) as fused PyTorch losses."""
 
 from . import ops
-from ._backend import available_backends, get_backend, set_backend
+from ._backend import available_backends, get_backend, preload, set_backend
 from .head import HeadOutput, InterestHead
 from .loss import SoKDLoss, SoKDOutput
 from .policy import FeaturePolicy, PolicySample
 from .search import PolicySearch
 
 __version__ = "0.1.0"
+
+preload()
 
 __all__ = [
     "FeaturePolicy",

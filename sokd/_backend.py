@@ -15,7 +15,6 @@ teacher). The loss is float32 for half and float32 inputs and float64 for float6
 
 import importlib
 import os
-import threading
 import warnings
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
@@ -32,11 +31,11 @@ _MODULES = {
     "triton": "sokd.kernels",
 }
 
-_lock = threading.Lock()
 _selected = None
 _load_errors = {}
-# Backends that loaded, by name. The lock-free lookup also lets torch.compile trace `resolve`.
-_loaded = {}
+# Imported backend modules by module path (None when unusable), and why they are unusable.
+_imported = {}
+_import_errors = {}
 _warned_fallback = False
 
 
@@ -65,27 +64,48 @@ def get_backend():
     return _validate_name(os.environ.get("SOKD_BACKEND", "auto"))
 
 
-def _load(name):
-    """The backend's module, or None with the reason kept in _load_errors."""
-    if name in _loaded:
-        return _loaded[name]
-    with _lock:
-        try:
-            module = importlib.import_module(_MODULES[name])
-        except ImportError as error:
-            _load_errors[name] = f"{_MODULES[name]} could not be imported ({error})"
-            return None
+def _import(name):
+    """The module behind backend `name`, imported once per module path (None if unusable).
+
+    No lock: the import system serialises imports itself, and two threads racing here store
+    the same result."""
+    path = _MODULES[name]
+    if path in _imported:
+        return _imported[path]
+    try:
+        module = importlib.import_module(path)
+    except ImportError as error:
+        _import_errors[path] = f"{path} could not be imported ({error})"
+        module = None
+    if module is not None:
         missing = [op for op in OPS if not hasattr(module, op)]
         if missing:
-            _load_errors[name] = f"{_MODULES[name]} does not provide {', '.join(missing)}"
-            return None
-        supported = getattr(module, "supported_devices", lambda: ("cpu", "cuda"))()
-        device_type = "cuda" if name == "cuda" else "cpu" if name == "cpu" else None
-        if device_type is not None and device_type not in supported:
-            _load_errors[name] = f"sokd was built without {name} kernels"
-            return None
-        _loaded[name] = module
-        return module
+            _import_errors[path] = f"{path} does not provide {', '.join(missing)}"
+            module = None
+    _imported[path] = module
+    return module
+
+
+def preload():
+    """Import the backends this machine can run, so that the first op call inside
+    torch.compile finds them cached (the tracer cannot follow an import)."""
+    import torch
+
+    triton_runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    for name in ("reference", "cpu") + (("triton",) if triton_runs else ()):
+        _import(name)
+
+
+def _load(name):
+    """The backend's module, or None with the reason kept in _load_errors."""
+    module = _import(name)
+    if module is None:
+        _load_errors[name] = _import_errors[_MODULES[name]]
+        return None
+    if name in ("cpu", "cuda") and name not in module.supported_devices():
+        _load_errors[name] = f"sokd was built without {name} kernels"
+        return None
+    return module
 
 
 def available_backends():

@@ -70,3 +70,17 @@ def test_module_missing_an_op_is_unavailable(monkeypatch):
     monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.augment_ops")
     assert _backend._load("cpu") is None
     assert "does not provide" in _backend._load_errors["cpu"]
+
+
+def test_dispatch_traces_under_torch_compile_fullgraph():
+    sokd.set_backend("reference")
+    student = torch.randn(4, 3, 6, 6, requires_grad=True)
+    teacher, mask = torch.randn(4, 3, 6, 6), torch.rand(4, 6, 6)
+
+    def losses(s, t, m):
+        logits = s.mean(dim=(2, 3))
+        count = ops.interest_map(t[:, :1], t[:, 1:].abs(), t[:, 1:].abs(), k=3)[0]
+        return ops.masked_feature_loss(s, t, m * count) + ops.kd_loss(logits, t.mean(dim=(2, 3)))
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(student, teacher, mask), losses(student, teacher, mask))
