@@ -111,6 +111,57 @@ struct SamplePoint {
   int64_t channel, y, x;
 };
 
+// Where an affine op's output pixel (y, x) reads its input, in input pixel coordinates:
+// affine_grid's pixel centre in normalised coordinates (align_corners=False), mapped by theta,
+// then grid_sample's unnormalisation. False when no bilinear corner lies inside the map
+// (which also rejects NaN).
+template <typename T>
+C10_HOST_DEVICE inline bool affine_source(const AugmentOp& op, int64_t y, int64_t x,
+                                          int64_t height, int64_t width, T& ix, T& iy) {
+  T xn = (T(2) * static_cast<T>(x) + T(1)) / static_cast<T>(width) - T(1);
+  T yn = (T(2) * static_cast<T>(y) + T(1)) / static_cast<T>(height) - T(1);
+  T gx = static_cast<T>(op.theta[0]) * xn + static_cast<T>(op.theta[1]) * yn +
+         static_cast<T>(op.theta[2]);
+  T gy = static_cast<T>(op.theta[3]) * xn + static_cast<T>(op.theta[4]) * yn +
+         static_cast<T>(op.theta[5]);
+  ix = ((gx + T(1)) * static_cast<T>(width) - T(1)) / T(2);
+  iy = ((gy + T(1)) * static_cast<T>(height) - T(1)) / T(2);
+  return ix > T(-1) && ix < static_cast<T>(width) && iy > T(-1) && iy < static_cast<T>(height);
+}
+
+// Calls emit(y, x, weight) for each bilinear corner of (iy, ix) inside the map (zero padding
+// drops the others), in the order north-west, north-east, south-west, south-east.
+template <typename T, typename Emit>
+C10_HOST_DEVICE inline void bilinear_corners(T ix, T iy, int64_t height, int64_t width,
+                                             const Emit& emit) {
+  T x_floor = ::floor(ix), y_floor = ::floor(iy);
+  int64_t x0 = static_cast<int64_t>(x_floor), y0 = static_cast<int64_t>(y_floor);
+  T fx = ix - x_floor, fy = iy - y_floor;
+  const T corner_weights[4] = {(T(1) - fx) * (T(1) - fy), fx * (T(1) - fy), (T(1) - fx) * fy,
+                               fx * fy};
+  for (int corner = 0; corner < 4; ++corner) {
+    int64_t xx = x0 + (corner & 1), yy = y0 + (corner >> 1);
+    if (xx >= 0 && xx < width && yy >= 0 && yy < height) emit(yy, xx, corner_weights[corner]);
+  }
+}
+
+// Whether sample n's cutout box covers pixel (y, x); float32 arithmetic as in the reference.
+C10_HOST_DEVICE inline bool cutout_covers(const AugmentOp& op, int64_t n, int64_t y, int64_t x,
+                                          int64_t height, int64_t width) {
+  const float box_h = ::floorf(op.value * static_cast<float>(height));
+  const float box_w = ::floorf(op.value * static_cast<float>(width));
+  const float top = static_cast<float>(op.centres[2 * n]) - ::floorf(box_h / 2.f);
+  const float left = static_cast<float>(op.centres[2 * n + 1]) - ::floorf(box_w / 2.f);
+  const float py = static_cast<float>(y), px = static_cast<float>(x);
+  return py >= top && py < top + box_h && px >= left && px < left + box_w;
+}
+
+// Whether channel drop zeroes channel c of sample n.
+C10_HOST_DEVICE inline bool channel_dropped(const AugmentOp& op, int64_t n, int64_t c,
+                                            int64_t channels) {
+  return op.uniforms[n * channels + c] < op.value;
+}
+
 // The augmented value of output element (n, c, y, x), in the accumulation type T, reading the
 // input through load(channel, y, x) (sample n's plane).
 template <typename T, typename Load>
@@ -136,44 +187,20 @@ C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int
       }
       count = 0;
       for (int p = 0; p < source_count; ++p) {
-        // affine_grid (align_corners=False): pixel centres in normalised coordinates.
-        T xn = (T(2) * static_cast<T>(source[p].x) + T(1)) / static_cast<T>(width) - T(1);
-        T yn = (T(2) * static_cast<T>(source[p].y) + T(1)) / static_cast<T>(height) - T(1);
-        T gx = static_cast<T>(op.theta[0]) * xn + static_cast<T>(op.theta[1]) * yn +
-               static_cast<T>(op.theta[2]);
-        T gy = static_cast<T>(op.theta[3]) * xn + static_cast<T>(op.theta[4]) * yn +
-               static_cast<T>(op.theta[5]);
-        // grid_sample's unnormalisation (align_corners=False).
-        T ix = ((gx + T(1)) * static_cast<T>(width) - T(1)) / T(2);
-        T iy = ((gy + T(1)) * static_cast<T>(height) - T(1)) / T(2);
-        // Outside (-1, size) no corner lies inside the map; the test also rejects NaN.
-        if (!(ix > T(-1) && ix < static_cast<T>(width) && iy > T(-1) &&
-              iy < static_cast<T>(height))) {
-          continue;
-        }
-        T x_floor = ::floor(ix), y_floor = ::floor(iy);
-        int64_t x0 = static_cast<int64_t>(x_floor), y0 = static_cast<int64_t>(y_floor);
-        T fx = ix - x_floor, fy = iy - y_floor;
-        const T corner_weights[4] = {(T(1) - fx) * (T(1) - fy), fx * (T(1) - fy),
-                                     (T(1) - fx) * fy, fx * fy};
-        for (int corner = 0; corner < 4; ++corner) {
-          int64_t xx = x0 + (corner & 1), yy = y0 + (corner >> 1);
-          if (xx < 0 || xx >= width || yy < 0 || yy >= height) continue;
-          points[count] = SamplePoint{source[p].channel, yy, xx};
-          weights[count] = source_weights[p] * corner_weights[corner];
+        T ix, iy;
+        if (!affine_source(op, source[p].y, source[p].x, height, width, ix, iy)) continue;
+        const int64_t channel = source[p].channel;
+        const T weight = source_weights[p];
+        bilinear_corners(ix, iy, height, width, [&](int64_t yy, int64_t xx, T corner_weight) {
+          points[count] = SamplePoint{channel, yy, xx};
+          weights[count] = weight * corner_weight;
           ++count;
-        }
+        });
       }
     } else if (op.kind == kCutout) {
-      const float box_h = ::floorf(op.value * static_cast<float>(height));
-      const float box_w = ::floorf(op.value * static_cast<float>(width));
-      const float top = static_cast<float>(op.centres[2 * n]) - ::floorf(box_h / 2.f);
-      const float left = static_cast<float>(op.centres[2 * n + 1]) - ::floorf(box_w / 2.f);
       int kept = 0;
       for (int p = 0; p < count; ++p) {
-        float py = static_cast<float>(points[p].y), px = static_cast<float>(points[p].x);
-        bool inside = py >= top && py < top + box_h && px >= left && px < left + box_w;
-        if (!inside) {
+        if (!cutout_covers(op, n, points[p].y, points[p].x, height, width)) {
           points[kept] = points[p];
           weights[kept] = weights[p];
           ++kept;
@@ -195,7 +222,7 @@ C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int
     } else if (op.kind == kChannelDrop) {
       int kept = 0;
       for (int p = 0; p < count; ++p) {
-        if (!(op.uniforms[n * channels + points[p].channel] < op.value)) {
+        if (!channel_dropped(op, n, points[p].channel, channels)) {
           points[kept] = points[p];
           weights[kept] = weights[p];
           ++kept;
@@ -210,6 +237,86 @@ C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int
     total += weights[p] * load(points[p].channel, points[p].y, points[p].x);
   }
   return total;
+}
+
+}  // namespace sokd
+
+namespace sokd {
+
+// Without noise, every op acts on space alone (affine, cutout) or on channels alone (shuffle,
+// drop), so augmented_value factors: out(n, c, y, x) = sum over the spatial taps of (n, y, x)
+// of weight * in(n, source_channel(n, c), tap), or 0 when a channel op removed c. The CPU
+// kernel computes the taps once per pixel and reuses them for every channel.
+
+// The input taps of output pixel (y, x) of sample n, ignoring channel ops. Returns the count.
+template <typename T>
+C10_HOST_DEVICE inline int spatial_taps(const AugmentPlan& plan, int64_t n, int64_t y,
+                                        int64_t x, int64_t* offsets, T* weights) {
+  int64_t ys[kMaxSamplePoints], xs[kMaxSamplePoints];
+  int count = 1;
+  ys[0] = y;
+  xs[0] = x;
+  weights[0] = T(1);
+  const int64_t height = plan.height, width = plan.width;
+  for (int i = plan.num_ops - 1; i >= 0 && count > 0; --i) {
+    const AugmentOp& op = plan.ops[i];
+    if (is_affine(op.kind)) {
+      int64_t source_ys[kMaxSamplePoints], source_xs[kMaxSamplePoints];
+      T source_weights[kMaxSamplePoints];
+      const int source_count = count;
+      for (int p = 0; p < count; ++p) {
+        source_ys[p] = ys[p];
+        source_xs[p] = xs[p];
+        source_weights[p] = weights[p];
+      }
+      count = 0;
+      for (int p = 0; p < source_count; ++p) {
+        T ix, iy;
+        if (!affine_source(op, source_ys[p], source_xs[p], height, width, ix, iy)) continue;
+        const T weight = source_weights[p];
+        bilinear_corners(ix, iy, height, width, [&](int64_t yy, int64_t xx, T corner_weight) {
+          ys[count] = yy;
+          xs[count] = xx;
+          weights[count] = weight * corner_weight;
+          ++count;
+        });
+      }
+    } else if (op.kind == kCutout) {
+      int kept = 0;
+      for (int p = 0; p < count; ++p) {
+        if (!cutout_covers(op, n, ys[p], xs[p], height, width)) {
+          ys[kept] = ys[p];
+          xs[kept] = xs[p];
+          weights[kept] = weights[p];
+          ++kept;
+        }
+      }
+      count = kept;
+    }
+  }
+  for (int p = 0; p < count; ++p) offsets[p] = ys[p] * width + xs[p];
+  return count;
+}
+
+// The input channel that output channel c of sample n reads after the channel ops, or -1
+// when channel drop zeroes it.
+C10_HOST_DEVICE inline int64_t source_channel(const AugmentPlan& plan, int64_t n, int64_t c) {
+  for (int i = plan.num_ops - 1; i >= 0; --i) {
+    const AugmentOp& op = plan.ops[i];
+    if (op.kind == kChannelShuffle) {
+      c = op.permutation[n * plan.channels + c];
+    } else if (op.kind == kChannelDrop && channel_dropped(op, n, c, plan.channels)) {
+      return -1;
+    }
+  }
+  return c;
+}
+
+C10_HOST_DEVICE inline bool has_noise(const AugmentPlan& plan) {
+  for (int i = 0; i < plan.num_ops; ++i) {
+    if (plan.ops[i].kind == kNoise) return true;
+  }
+  return false;
 }
 
 }  // namespace sokd

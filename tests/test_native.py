@@ -143,6 +143,19 @@ def test_dkd_loss_parity_with_targets():
     assert_loss_parity(lambda s: ops.dkd_loss(s, teacher, target), (student,), dtype=torch.float32)
 
 
+def test_backward_scales_by_grad_output_and_survives_retain_graph():
+    sokd.set_backend("cpu")
+    student = torch.randn(2, 3, 4, 5, requires_grad=True)
+    teacher = torch.randn(2, 3, 4, 5)
+    loss = ops.masked_feature_loss(student, teacher)
+    (single,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (tripled,) = torch.autograd.grad(3 * loss, student, retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(tripled, 3 * single)
+    torch.testing.assert_close(student.grad, 2 * single)
+
+
 def test_loss_gradcheck_float64():
     sokd.set_backend("cpu")
     feature = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)

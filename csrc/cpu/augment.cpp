@@ -1,11 +1,14 @@
-// CPU kernel of feature_augment: every output element evaluated in one pass through the
-// shared augmented_value (csrc/augment_math.h), parallel over output rows.
+// CPU kernel of feature_augment: one pass over the output for the whole op sequence, through
+// the shared math of csrc/augment_math.h.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "augment_plan.h"
 
@@ -14,15 +17,62 @@ namespace {
 
 using at::Tensor;
 
-template <typename scalar_t>
-void feature_augment_typed(const Tensor& x, const AugmentPlan& plan, Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = x.size(0), channels = plan.channels;
-  const int64_t height = plan.height, width = plan.width;
-  const scalar_t* input = x.data_ptr<scalar_t>();
-  scalar_t* output = out.data_ptr<scalar_t>();
-  const int64_t output_rows = batch * channels * height;
+// Channels per task of the factored path: the pixel taps are computed once per task.
+constexpr int64_t kChannelBlock = 32;
 
+// Without noise: taps once per (sample, pixel), reused for a block of channels.
+template <typename scalar_t>
+void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
+                      scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = plan.channels, plane = plan.height * plan.width;
+  const int64_t blocks_per_sample = (channels + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, batch * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> tap_offsets(plane * kMaxSamplePoints);
+    std::vector<acc_t> tap_weights(plane * kMaxSamplePoints);
+    std::vector<int> tap_counts(plane);
+    int64_t taps_for = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks_per_sample;
+      if (taps_for != n) {
+        for (int64_t p = 0; p < plane; ++p) {
+          tap_counts[p] = spatial_taps<acc_t>(plan, n, p / plan.width, p % plan.width,
+                                              tap_offsets.data() + p * kMaxSamplePoints,
+                                              tap_weights.data() + p * kMaxSamplePoints);
+        }
+        taps_for = n;
+      }
+      const int64_t first = (task % blocks_per_sample) * kChannelBlock;
+      const int64_t last = std::min(first + kChannelBlock, channels);
+      for (int64_t c = first; c < last; ++c) {
+        scalar_t* out_plane = output + (n * channels + c) * plane;
+        const int64_t source = source_channel(plan, n, c);
+        if (source < 0) {
+          std::fill(out_plane, out_plane + plane, static_cast<scalar_t>(0));
+          continue;
+        }
+        const scalar_t* in_plane = input + (n * channels + source) * plane;
+        for (int64_t p = 0; p < plane; ++p) {
+          const int64_t* offsets = tap_offsets.data() + p * kMaxSamplePoints;
+          const acc_t* weights = tap_weights.data() + p * kMaxSamplePoints;
+          acc_t total = 0;
+          for (int t = 0; t < tap_counts[p]; ++t) {
+            total += weights[t] * static_cast<acc_t>(in_plane[offsets[t]]);
+          }
+          out_plane[p] = static_cast<scalar_t>(total);
+        }
+      }
+    }
+  });
+}
+
+// With noise: every element walks the whole op chain (augmented_value).
+template <typename scalar_t>
+void augment_per_element(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
+                         scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = plan.channels, height = plan.height, width = plan.width;
+  const int64_t output_rows = batch * channels * height;
   at::parallel_for(0, output_rows, std::max<int64_t>(1, 4096 / width), [&](int64_t begin,
                                                                           int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -50,7 +100,13 @@ Tensor feature_augment(const Tensor& x, at::IntArrayRef op_ids, const Tensor& va
   Tensor out = at::empty_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sokd_feature_augment", [&] {
-    feature_augment_typed<scalar_t>(input, prepared.plan, out);
+    if (has_noise(prepared.plan)) {
+      augment_per_element(input.data_ptr<scalar_t>(), prepared.plan, input.size(0),
+                          out.data_ptr<scalar_t>());
+    } else {
+      augment_factored(input.data_ptr<scalar_t>(), prepared.plan, input.size(0),
+                       out.data_ptr<scalar_t>());
+    }
   });
   return out;
 }
