@@ -62,7 +62,7 @@ def header_lines(run):
     return [
         f"sokd {software['sokd']} benchmark, {run['date']}",
         f"device: {machine['device']} ({machine['device_name']})"
-        + (f", {machine['threads']} threads" if machine["threads"] else "")
+        + (f", torch threads: {machine['threads']}" if machine["threads"] else "")
         + (
             f", load average {machine['load_average_1min']:.1f} at start"
             if machine["load_average_1min"] is not None

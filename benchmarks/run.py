@@ -168,6 +168,7 @@ def main(argv=None):
     # dynamo's advice about them would bury the progress lines.
     torch._logging.set_logs(dynamo=logging.ERROR)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     shapes, skipped_presets = selected_shapes(args)
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
     for name, reason in skipped_presets:
@@ -190,7 +191,7 @@ def main(argv=None):
     )
     run = {
         "schema_version": 1,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": started,
         "machine": {
             "device": args.device.type,
             "device_name": _device_name(args.device),
