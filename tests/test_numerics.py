@@ -51,6 +51,7 @@ def assert_finite(value, what):
 def assert_close_to_float64(actual, expected64, atol, what):
     """actual (any dtype) against a float64 result, with an absolute tolerance that bounds
     the error fp32 inputs already carry, plus the rounding of actual's own dtype."""
+    actual, expected64 = actual.detach(), expected64.detach()
     expected = expected64.to(actual.dtype)
     tolerance = TOLERANCE[actual.dtype]
     scale = float(expected64.abs().max())
