@@ -248,7 +248,8 @@ namespace sokd {
 // of weight * in(n, source_channel(n, c), tap), or 0 when a channel op removed c. The CPU
 // kernel computes the taps once per pixel and reuses them for every channel.
 
-// The input taps of output pixel (y, x) of sample n, ignoring channel ops. Returns the count.
+// The input taps (plane offset, weight) of output pixel (y, x) of sample n, ignoring channel
+// ops. Returns their count.
 template <typename T>
 C10_HOST_DEVICE inline int spatial_taps(const AugmentPlan& plan, int64_t n, int64_t y,
                                         int64_t x, int64_t* offsets, T* weights) {
@@ -294,8 +295,22 @@ C10_HOST_DEVICE inline int spatial_taps(const AugmentPlan& plan, int64_t n, int6
       count = kept;
     }
   }
-  for (int p = 0; p < count; ++p) offsets[p] = ys[p] * width + xs[p];
-  return count;
+  // Two affine ops read the 16 corners of 4 nearby points, which mostly share pixels: merge
+  // the taps of one pixel so the channel loop reads each input pixel once.
+  int merged = 0;
+  for (int p = 0; p < count; ++p) {
+    const int64_t offset = ys[p] * width + xs[p];
+    int slot = 0;
+    while (slot < merged && offsets[slot] != offset) ++slot;
+    if (slot == merged) {
+      offsets[merged] = offset;
+      weights[merged] = weights[p];
+      ++merged;
+    } else {
+      weights[slot] += weights[p];
+    }
+  }
+  return merged;
 }
 
 // The input channel that output channel c of sample n reads after the channel ops, or -1

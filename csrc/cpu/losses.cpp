@@ -144,10 +144,11 @@ struct LaneRows {
   }
 };
 
-// kd_row for one contiguous row, vectorised along the classes.
+// kd_row for one contiguous row, vectorised along the classes. The exponentials of the sum
+// pass are kept in `exps` (2 * classes) so the gradient pass needs none of its own.
 template <typename scalar_t, typename acc_t>
 acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t classes,
-                        acc_t inv_temperature, acc_t grad_coef) {
+                        acc_t inv_temperature, acc_t grad_coef, acc_t* exps) {
   using V = Vectorized<acc_t>;
   using M = MathOps<acc_t>;
   const int64_t vector_end = classes - classes % V::size();
@@ -170,8 +171,10 @@ acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64
   for (int64_t j = 0; j < vector_end; j += V::size()) {
     V zs = load_widened<acc_t>(s + j) * inv_lanes - max_s_all;
     V zt = load_widened<acc_t>(t + j) * inv_lanes - max_t_all;
-    V et = zt.exp();
-    sum_s_lanes = sum_s_lanes + zs.exp();
+    V es = zs.exp(), et = zt.exp();
+    es.store(exps + j);
+    et.store(exps + classes + j);
+    sum_s_lanes = sum_s_lanes + es;
     sum_t_lanes = sum_t_lanes + et;
     cross_lanes = cross_lanes + et * (zt - zs);
   }
@@ -182,24 +185,24 @@ acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64
   for (int64_t j = vector_end; j < classes; ++j) {
     acc_t zs = static_cast<acc_t>(s[j]) * inv_temperature - max_s;
     acc_t zt = static_cast<acc_t>(t[j]) * inv_temperature - max_t;
-    acc_t et = M::exp(zt);
-    sum_s += M::exp(zs);
+    acc_t es = M::exp(zs), et = M::exp(zt);
+    exps[j] = es;
+    exps[classes + j] = et;
+    sum_s += es;
     sum_t += et;
     cross += et * (zt - zs);
   }
 
   if (g) {
-    const acc_t shift_s = max_s + M::log(sum_s), shift_t = max_t + M::log(sum_t);
-    const V shift_s_all(shift_s), shift_t_all(shift_t), coef_all(grad_coef);
+    // grad_coef * (p_s - p_t), with p = exp / sum.
+    const acc_t scale_s = grad_coef / sum_s, scale_t = grad_coef / sum_t;
+    const V scale_s_all(scale_s), scale_t_all(scale_t);
     for (int64_t j = 0; j < vector_end; j += V::size()) {
-      V zs = load_widened<acc_t>(s + j) * inv_lanes;
-      V zt = load_widened<acc_t>(t + j) * inv_lanes;
-      store_narrowed(coef_all * ((zs - shift_s_all).exp() - (zt - shift_t_all).exp()), g + j);
+      store_narrowed(V::loadu(exps + j) * scale_s_all - V::loadu(exps + classes + j) * scale_t_all,
+                     g + j);
     }
     for (int64_t j = vector_end; j < classes; ++j) {
-      acc_t zs = static_cast<acc_t>(s[j]) * inv_temperature;
-      acc_t zt = static_cast<acc_t>(t[j]) * inv_temperature;
-      g[j] = static_cast<scalar_t>(grad_coef * (M::exp(zs - shift_s) - M::exp(zt - shift_t)));
+      g[j] = static_cast<scalar_t>(exps[j] * scale_s - exps[classes + j] * scale_t);
     }
   }
   return kd_row_divergence(sum_s, sum_t, cross);
@@ -250,10 +253,11 @@ std::tuple<Tensor, Tensor> kd_loss_typed(const Tensor& student, const Tensor& te
 
   if (positions == 1) {
     at::parallel_for(0, rows, grain_for(classes), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> exps(2 * classes);
       for (int64_t r = begin; r < end; ++r) {
         row_kl[r] = kd_contiguous_row<scalar_t, acc_t>(
             s + r * classes, t + r * classes, g ? g + r * classes : nullptr, classes,
-            inv_temperature, coef_per_weight * w[r]);
+            inv_temperature, coef_per_weight * w[r], exps.data());
       }
     });
   } else {
