@@ -156,6 +156,31 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
     torch.testing.assert_close(student.grad, 2 * single)
 
 
+def test_losses_do_not_depend_on_the_thread_count():
+    sokd.set_backend("cpu")
+    # Large enough that at::parallel_for splits every loss into several tasks.
+    feature, target = torch.randn(8, 64, 32, 32), torch.randn(8, 64, 32, 32)
+    logits, teacher = torch.randn(1024, 100), torch.randn(1024, 100)
+    dense, dense_teacher = torch.randn(2, 5, 64, 64), torch.randn(2, 5, 64, 64)
+
+    def losses():
+        return torch.stack((
+            ops.masked_feature_loss(feature, target),
+            ops.kd_loss(logits, teacher),
+            ops.kd_loss(dense, dense_teacher),
+            ops.decoupled_kd_loss(logits, teacher, logits > 0.5),
+        ))
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = losses()
+        torch.set_num_threads(2)
+        assert torch.equal(losses(), single)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_loss_gradcheck_float64():
     sokd.set_backend("cpu")
     feature = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
