@@ -87,3 +87,18 @@ def choice(value, name, options):
 def finite(value, name):
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf (raised because check_finite=True)")
+
+
+def fraction(value, name):
+    """A real number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def boolean(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value

@@ -98,12 +98,10 @@ class SoKDLoss(nn.Module):
         self.temperature = check.positive_number(temperature, "temperature")
         self.alpha = check.non_negative_number(alpha, "alpha")
         self.beta = check.non_negative_number(beta, "beta")
-        if not 0 < class_ratio <= 1:
-            raise ValueError(f"class_ratio must be in (0, 1], got {class_ratio}")
-        self.class_ratio = float(class_ratio)
-        self.mutual_classes = bool(mutual_classes)
+        self.class_ratio = check.fraction(class_ratio, "class_ratio")
+        self.mutual_classes = check.boolean(mutual_classes, "mutual_classes")
         self.generator = generator
-        self.check_finite = bool(check_finite)
+        self.check_finite = check.boolean(check_finite, "check_finite")
 
     def teacher_view(self, teacher_feat, augment):
         """The teacher map the student learns from: t~ when augmenting, else t (detached)."""

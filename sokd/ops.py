@@ -151,9 +151,7 @@ def top_class_mask(teacher_logits, student_logits=None, ratio=0.2):
     """The top ceil(ratio*K) classes of the teacher per row, intersected with the student's
     top set when student_logits is given (mutual class interest). Shaped like the logits."""
     check.tensor(teacher_logits, "teacher_logits", (2, 4), "N x K or dense N x K x H x W")
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-    count = math.ceil(ratio * teacher_logits.shape[1])
+    count = math.ceil(check.fraction(ratio, "ratio") * teacher_logits.shape[1])
 
     def top_set(logits):
         chosen = logits.detach().topk(count, dim=1).indices

@@ -239,7 +239,7 @@ CASES = [
         "target",
     ),
     ("ratio", lambda x: ops.top_class_mask(x.logits, ratio=0), ValueError, "ratio"),
-    ("ratio type", lambda x: ops.top_class_mask(x.logits, ratio="0.2"), ValueError, "ratio"),
+    ("ratio type", lambda x: ops.top_class_mask(x.logits, ratio="0.2"), TypeError, "ratio"),
     ("top int", lambda x: ops.top_class_mask(x.logits.long()), TypeError, "teacher_logits"),
     # interest_map
     ("k too big", lambda x: interest(x, k=21), ValueError, "k"),
@@ -342,6 +342,7 @@ CASES = [
     ("loss weight", lambda x: SoKDLoss(4, 4, w_feat=-1), ValueError, "w_feat"),
     ("class_ratio", lambda x: SoKDLoss(4, 4, class_ratio=1.5), ValueError, "class_ratio"),
     ("class_ratio type", lambda x: SoKDLoss(4, 4, class_ratio="0.2"), TypeError, "class_ratio"),
+    ("mutual_classes", lambda x: SoKDLoss(4, 4, mutual_classes="no"), TypeError, "mutual_classes"),
     ("channels", lambda x: SoKDLoss(0, 4), ValueError, "student_channels"),
     ("policy type", lambda x: SoKDLoss(4, 4, policy=object()), TypeError, "policy"),
     ("connector", lambda x: SoKDLoss(4, 8, connector=lambda t: t), TypeError, "connector"),
@@ -376,19 +377,11 @@ CASES = [
     ("backend type", lambda x: sokd.set_backend(None), TypeError, "backend"),
 ]
 
-# Known gaps, reported to the owner of the code; strict, so a fix fails until removed here.
-KNOWN_GAPS = {
-    "class_ratio type": "SoKDLoss compares class_ratio before checking its type, so a string "
-    "raises Python's own TypeError, which does not name the argument",
-}
-
 
 @pytest.mark.parametrize("target", **target_params(ALL_TARGETS))
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_a_clear_error(request, target, case):
-    name, call, error, argument = case
-    if name in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
+def test_bad_input_is_a_clear_error(target, case):
+    _, call, error, argument = case
     inputs = valid_inputs(target.device)
     with using(target.backend), pytest.raises(error, match=argument):
         call(inputs)
