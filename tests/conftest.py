@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sokd  # noqa: E402
+import sokd
 
 
 @pytest.fixture(autouse=True)
