@@ -73,6 +73,19 @@ def _save_fused_grad(ctx, inputs, output):
 
 def _scaled_grad(ctx, grad_loss):
     (grad,) = ctx.saved_tensors
+    handover = (
+        grad.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()  # create_graph=True needs the product's graph
+        and grad_loss.item() == 1
+    )
+    if handover:
+        # loss.backward() seeds 1, so the saved gradient is the answer, and handing it over
+        # spares a full read and write (and, on the CPU, the page faults of a fresh tensor).
+        # The reference kept on ctx stops autograd from stealing it for in-place accumulation,
+        # so a retained graph hands out the same unchanged values again.
+        ctx.handed_out = grad
+        return grad
     return grad * grad_loss.to(grad.dtype)
 
 

@@ -151,9 +151,13 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
     (single,) = torch.autograd.grad(loss, student, retain_graph=True)
     (tripled,) = torch.autograd.grad(3 * loss, student, retain_graph=True)
     loss.backward(retain_graph=True)
-    loss.backward()
+    loss.backward(retain_graph=True)
     torch.testing.assert_close(tripled, 3 * single)
     torch.testing.assert_close(student.grad, 2 * single)
+    # In-place changes to the accumulated gradient must not reach the saved one.
+    student.grad.zero_()
+    loss.backward()
+    torch.testing.assert_close(student.grad, single)
 
 
 def test_losses_do_not_depend_on_the_thread_count():
