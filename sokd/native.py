@@ -69,9 +69,15 @@ def _feature_augment_fake(x, op_ids, values, draws, noise_seeds):
 
 def _save_fused_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    # The returned gradient is an output of the op but has no derivative of its own; without
+    # this, autograd would build a zero tensor of its size for every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _scaled_grad(ctx, grad_loss):
+    if grad_loss is None:  # the loss took no part in what is being differentiated
+        return None
     (grad,) = ctx.saved_tensors
     handover = (
         grad.device.type == "cpu"
@@ -91,7 +97,9 @@ def _scaled_grad(ctx, grad_loss):
 
 def _masked_feature_loss_backward(ctx, grad_loss, _):
     grad_student = _scaled_grad(ctx, grad_loss)
-    grad_teacher = -grad_student if ctx.needs_input_grad[1] else None
+    grad_teacher = None
+    if grad_student is not None and ctx.needs_input_grad[1]:
+        grad_teacher = -grad_student
     return grad_student, grad_teacher, None, None, None
 
 
