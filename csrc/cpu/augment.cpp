@@ -11,26 +11,30 @@
 #include <vector>
 
 #include "augment_plan.h"
+#include "cpu/vec_math.h"
 
 namespace sokd::cpu {
 namespace {
 
 using at::Tensor;
 
-// Channels per task of the factored path: the pixel taps are computed once per task.
-constexpr int64_t kChannelBlock = 32;
-
-// Without noise: taps once per (sample, pixel), reused for a block of channels.
+// Without noise: the taps of each (sample, pixel) are computed once per sample and reused for
+// every channel. A task takes V::size() channels at a time: their planes are interleaved into
+// a pixel-major tile (one vector of channels per pixel), so each tap is one contiguous vector
+// load and one FMA for all of them.
 template <typename scalar_t>
 void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
                       scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = V::size();
   const int64_t channels = plan.channels, plane = plan.height * plan.width;
-  const int64_t blocks_per_sample = (channels + kChannelBlock - 1) / kChannelBlock;
+  const int64_t blocks_per_sample = (channels + kLanes - 1) / kLanes;
   at::parallel_for(0, batch * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> tap_offsets(plane * kMaxSamplePoints);
     std::vector<acc_t> tap_weights(plane * kMaxSamplePoints);
     std::vector<int> tap_counts(plane);
+    std::vector<acc_t> tile(plane * kLanes);
     int64_t taps_for = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks_per_sample;
@@ -42,24 +46,32 @@ void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t ba
         }
         taps_for = n;
       }
-      const int64_t first = (task % blocks_per_sample) * kChannelBlock;
-      const int64_t last = std::min(first + kChannelBlock, channels);
-      for (int64_t c = first; c < last; ++c) {
-        scalar_t* out_plane = output + (n * channels + c) * plane;
-        const int64_t source = source_channel(plan, n, c);
-        if (source < 0) {
-          std::fill(out_plane, out_plane + plane, static_cast<scalar_t>(0));
+      const int64_t first = (task % blocks_per_sample) * kLanes;
+      const int64_t lanes = std::min(kLanes, channels - first);
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        const int64_t source = lane < lanes ? source_channel(plan, n, first + lane) : -1;
+        if (source < 0) {  // a dropped channel, or past the last one
+          for (int64_t p = 0; p < plane; ++p) tile[p * kLanes + lane] = acc_t(0);
           continue;
         }
         const scalar_t* in_plane = input + (n * channels + source) * plane;
         for (int64_t p = 0; p < plane; ++p) {
-          const int64_t* offsets = tap_offsets.data() + p * kMaxSamplePoints;
-          const acc_t* weights = tap_weights.data() + p * kMaxSamplePoints;
-          acc_t total = 0;
-          for (int t = 0; t < tap_counts[p]; ++t) {
-            total += weights[t] * static_cast<acc_t>(in_plane[offsets[t]]);
-          }
-          out_plane[p] = static_cast<scalar_t>(total);
+          tile[p * kLanes + lane] = static_cast<acc_t>(in_plane[p]);
+        }
+      }
+      scalar_t* out_block = output + (n * channels + first) * plane;
+      for (int64_t p = 0; p < plane; ++p) {
+        const int64_t* offsets = tap_offsets.data() + p * kMaxSamplePoints;
+        const acc_t* weights = tap_weights.data() + p * kMaxSamplePoints;
+        V total(acc_t(0));
+        for (int t = 0; t < tap_counts[p]; ++t) {
+          total = at::vec::fmadd(V(weights[t]), V::loadu(tile.data() + offsets[t] * kLanes),
+                                 total);
+        }
+        acc_t values[kLanes];
+        total.store(values);
+        for (int64_t lane = 0; lane < lanes; ++lane) {
+          out_block[lane * plane + p] = static_cast<scalar_t>(values[lane]);
         }
       }
     }
