@@ -219,7 +219,7 @@ def heat_maps(n, channels, height, width, dtype, seed):
 @pytest.mark.parametrize(
     "n, channels, height, width, k, kernel",
     [(1, 1, 1, 1, 1, 1), (3, 1, 7, 17, 8, 3), (2, 2, 5, 3, 30, 3), (1, 1, 17, 7, 5, 5),
-     (2, 1, 4, 4, 16, 1)],
+     (2, 1, 4, 4, 16, 1), (2, 1, 9, 9, 81, 3), (1, 2, 8, 7, 70, 1)],
 )
 def test_interest_map_equals_reference(dtype, n, channels, height, width, k, kernel):
     heat, wh, offset = heat_maps(n, channels, height, width, dtype, seed=11)

@@ -18,6 +18,10 @@ namespace {
 
 using at::Tensor;
 
+// Up to this k, top-k selection keeps a sorted list of k (O(candidates * k) at worst, one
+// comparison per candidate in practice); past it, a partial sort of all candidates.
+constexpr int64_t kInsertionTopK = 64;
+
 template <typename scalar_t>
 void interest_map_typed(const Tensor& heat, const Tensor& wh, const Tensor& offset, int64_t k,
                         int64_t kernel, Tensor& count, Tensor& boxes, Tensor& scores) {
@@ -40,7 +44,7 @@ void interest_map_typed(const Tensor& heat, const Tensor& wh, const Tensor& offs
   const int64_t grain = std::max<int64_t>(1, kParallelWork / work_per_image);
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> peaks(candidates);
-    std::vector<int64_t> order(candidates);
+    std::vector<int64_t> order(k <= kInsertionTopK ? k : candidates);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* image = heat_data + n * candidates;
       for (int64_t c = 0; c < heat_channels; ++c) {
@@ -51,11 +55,25 @@ void interest_map_typed(const Tensor& heat, const Tensor& wh, const Tensor& offs
           }
         }
       }
-      std::iota(order.begin(), order.end(), int64_t(0));
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int64_t a, int64_t b) {
-                          return peak_ranks_before(peaks[a], a, peaks[b], b);
-                        });
+      auto ranks_before = [&](int64_t a, int64_t b) {
+        return peak_ranks_before(peaks[a], a, peaks[b], b);
+      };
+      if (k <= kInsertionTopK) {
+        // The k best so far, in rank order: most candidates lose to the current k-th and cost
+        // one comparison.
+        int64_t kept = 0;
+        for (int64_t i = 0; i < candidates; ++i) {
+          if (kept == k && !ranks_before(i, order[k - 1])) continue;
+          int64_t slot = kept < k ? kept++ : k - 1;
+          for (; slot > 0 && ranks_before(i, order[slot - 1]); --slot) {
+            order[slot] = order[slot - 1];
+          }
+          order[slot] = i;
+        }
+      } else {
+        std::iota(order.begin(), order.end(), int64_t(0));
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), ranks_before);
+      }
 
       const scalar_t* image_wh = wh_data + n * 2 * plane;
       const scalar_t* image_offset = offset_data + n * 2 * plane;
