@@ -8,6 +8,7 @@ SOKD_CUDA=1 forces either way.
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -24,6 +25,32 @@ def _cuda_wanted(torch_cuda_version, cuda_home):
         raise SystemExit(f"SOKD_CUDA must be 0 or 1, got {forced!r}")
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
     return bool(torch_cuda_version) and bool(nvcc) and os.path.exists(nvcc)
+
+
+def _locate_cuda_toolkit():
+    """Point CUDA_HOME at the toolkit the nvcc on PATH belongs to, unless the user set it.
+
+    torch guesses the toolkit as the folder above nvcc's folder. When nvcc on PATH is a
+    wrapper script living elsewhere, that guess has no libcudart and the link fails; nvcc's
+    own dry run names its real top folder."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line[len("#$ TOP="):].strip())
+            if os.path.isdir(os.path.join(top, "include")):
+                os.environ["CUDA_HOME"] = top
+            return
 
 
 def _pip_nvidia_dirs():
@@ -50,6 +77,7 @@ def _cpu_vector_flags(torch):
 
 
 def _extensions():
+    _locate_cuda_toolkit()
     try:
         import torch
         from torch.utils import cpp_extension
