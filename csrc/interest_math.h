@@ -23,8 +23,23 @@ C10_HOST_DEVICE inline bool peak_ranks_before(T a_value, int64_t a_index, T b_va
   return a_index < b_index;
 }
 
-// Local-maximum filter: the heat value where it equals the max of its kernel x kernel window
-// (the window clipped at the border, as max_pool2d's -inf padding does), else 0.
+// max(a, b) that returns NaN when either is NaN, written as a select so that loops over it
+// vectorise without branches.
+template <typename T>
+C10_HOST_DEVICE inline T propagating_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+// The local-maximum filter's value at one position, given the propagating max of its window:
+// the heat value where it equals that max, else 0. A NaN anywhere in the window (the centre
+// included) makes the max NaN and the position no peak.
+template <typename T>
+C10_HOST_DEVICE inline T peak_value(T centre, T window_max) {
+  return window_max == centre ? centre : T(0);
+}
+
+// Local-maximum filter at (y, x): the kernel x kernel window is clipped at the border, as
+// max_pool2d's -inf padding does.
 template <typename T, typename scalar_t>
 C10_HOST_DEVICE inline T local_peak(const scalar_t* plane, int64_t height, int64_t width,
                                     int64_t y, int64_t x, int64_t radius) {
@@ -33,13 +48,13 @@ C10_HOST_DEVICE inline T local_peak(const scalar_t* plane, int64_t height, int64
   int64_t y1 = y + radius >= height ? height - 1 : y + radius;
   int64_t x0 = x - radius < 0 ? 0 : x - radius;
   int64_t x1 = x + radius >= width ? width - 1 : x + radius;
+  T window_max = centre;
   for (int64_t yy = y0; yy <= y1; ++yy) {
     for (int64_t xx = x0; xx <= x1; ++xx) {
-      T value = static_cast<T>(plane[yy * width + xx]);
-      if (value > centre || value != value) return T(0);
+      window_max = propagating_max(window_max, static_cast<T>(plane[yy * width + xx]));
     }
   }
-  return centre;
+  return peak_value(centre, window_max);
 }
 
 // trunc(clamp(v, low, high)) as an integer. NaN maps to `empty`, a bound that leaves the box

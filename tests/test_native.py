@@ -219,7 +219,7 @@ def heat_maps(n, channels, height, width, dtype, seed):
 @pytest.mark.parametrize(
     "n, channels, height, width, k, kernel",
     [(1, 1, 1, 1, 1, 1), (3, 1, 7, 17, 8, 3), (2, 2, 5, 3, 30, 3), (1, 1, 17, 7, 5, 5),
-     (2, 1, 4, 4, 16, 1), (2, 1, 9, 9, 81, 3), (1, 2, 8, 7, 70, 1)],
+     (2, 1, 4, 4, 16, 1), (2, 1, 9, 9, 81, 3), (1, 2, 8, 7, 70, 1), (2, 1, 5, 3, 6, 7)],
 )
 def test_interest_map_equals_reference(dtype, n, channels, height, width, k, kernel):
     heat, wh, offset = heat_maps(n, channels, height, width, dtype, seed=11)
@@ -228,6 +228,20 @@ def test_interest_map_equals_reference(dtype, n, channels, height, width, k, ker
     want = on_backend("reference", ops.interest_map, heat, wh, offset, k, kernel)
     for value, expected in zip(got, want):
         assert value.dtype == expected.dtype and value.shape == expected.shape
+        assert torch.equal(value, expected)
+
+
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_interest_map_with_distinct_heat_values_equals_reference(k):
+    # Continuous heat: peaks rarely tie, so the k-th value rises through the scan and most
+    # candidates are rejected by value alone.
+    generator = torch.Generator().manual_seed(5)
+    heat = torch.rand((6, 2, 16, 13), generator=generator)
+    wh = torch.rand((6, 2, 16, 13), generator=generator) * 10
+    offset = torch.rand((6, 2, 16, 13), generator=generator)
+    got = on_backend("cpu", ops.interest_map, heat, wh, offset, k, 3)
+    want = on_backend("reference", ops.interest_map, heat, wh, offset, k, 3)
+    for value, expected in zip(got, want):
         assert torch.equal(value, expected)
 
 
