@@ -90,7 +90,9 @@ def test_masked_feature_loss_zero_mask_gives_zero_loss_and_gradient():
     assert torch.count_nonzero(student.grad) == 0
 
 
-LOGIT_SHAPES = ((1, 1), (3, 17), (7, 129), (17, 3), (2, 7, 3, 5), (1, 3, 1, 17), (3, 19, 4, 9))
+LOGIT_SHAPES = (
+    (1, 1), (3, 17), (7, 129), (17, 3), (2, 7, 3, 5), (1, 3, 1, 17), (3, 19, 4, 9), (2, 5, 5, 5)
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

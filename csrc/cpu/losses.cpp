@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vec_math.h"
@@ -124,26 +126,6 @@ std::tuple<Tensor, Tensor> masked_feature_loss(const Tensor& student, const Tens
   return result;
 }
 
-// V::size() dense rows side by side: lane l is the row of position p + l.
-template <typename scalar_t, typename acc_t>
-struct LaneRows {
-  using V = Vectorized<acc_t>;
-  const scalar_t* student_data;
-  const scalar_t* teacher_data;
-  scalar_t* grad_data;
-  int64_t stride;
-  V inv_temperature;
-  V student(int64_t j) const {
-    return load_widened<acc_t>(student_data + j * stride) * inv_temperature;
-  }
-  V teacher(int64_t j) const {
-    return load_widened<acc_t>(teacher_data + j * stride) * inv_temperature;
-  }
-  void store_grad(int64_t j, const V& value) const {
-    store_narrowed(value, grad_data + j * stride);
-  }
-};
-
 // kd_row for one contiguous row, vectorised along the classes. The exponentials of the sum
 // pass are kept in `exps` (2 * classes) so the gradient pass needs none of its own.
 template <typename scalar_t, typename acc_t>
@@ -208,6 +190,71 @@ acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64
   return kd_row_divergence(sum_s, sum_t, cross);
 }
 
+// Dense rows (classes `stride` apart) handled `vectors` * V::size() positions at a time, one
+// lane per row. Rows of one image start a multiple of 64 KiB apart at 128x128, so the class
+// rows of a tile all fall into one L1 set: each one is read once into `buffer`
+// (2 * classes * lanes) and every later pass works there. The exponentials of the sum pass
+// replace the logits in the buffer, so the gradient pass needs none of its own.
+template <int vectors, typename scalar_t, typename acc_t>
+void kd_dense_tile(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t classes,
+                   int64_t stride, acc_t inv_temperature, const acc_t* grad_coef, acc_t* row_kl,
+                   acc_t* buffer) {
+  using V = Vectorized<acc_t>;
+  using M = MathOps<V>;
+  constexpr int64_t lanes = vectors * V::size();
+  acc_t* student_buffer = buffer;
+  acc_t* teacher_buffer = buffer + classes * lanes;
+  const V inv_lanes(inv_temperature);
+  V max_s[vectors], max_t[vectors];
+  for (int u = 0; u < vectors; ++u) max_s[u] = max_t[u] = M::lowest();
+  for (int64_t j = 0; j < classes; ++j) {
+    for (int u = 0; u < vectors; ++u) {
+      const int64_t at = j * lanes + u * V::size();
+      V zs = load_widened<acc_t>(s + j * stride + u * V::size()) * inv_lanes;
+      V zt = load_widened<acc_t>(t + j * stride + u * V::size()) * inv_lanes;
+      zs.store(student_buffer + at);
+      zt.store(teacher_buffer + at);
+      max_s[u] = M::max(max_s[u], zs);
+      max_t[u] = M::max(max_t[u], zt);
+    }
+  }
+  V sum_s[vectors], sum_t[vectors], cross[vectors];
+  for (int u = 0; u < vectors; ++u) sum_s[u] = sum_t[u] = cross[u] = V(acc_t(0));
+  for (int64_t j = 0; j < classes; ++j) {
+    for (int u = 0; u < vectors; ++u) {
+      const int64_t at = j * lanes + u * V::size();
+      V zs = V::loadu(student_buffer + at) - max_s[u];
+      V zt = V::loadu(teacher_buffer + at) - max_t[u];
+      V es = zs.exp(), et = zt.exp();
+      es.store(student_buffer + at);
+      et.store(teacher_buffer + at);
+      sum_s[u] = sum_s[u] + es;
+      sum_t[u] = sum_t[u] + et;
+      cross[u] = cross[u] + et * (zt - zs);
+    }
+  }
+  if (g) {
+    // grad_coef * (p_s - p_t), with p = exp / sum.
+    V scale_s[vectors], scale_t[vectors];
+    for (int u = 0; u < vectors; ++u) {
+      const V coef = V::loadu(grad_coef + u * V::size());
+      scale_s[u] = coef / sum_s[u];
+      scale_t[u] = coef / sum_t[u];
+    }
+    for (int64_t j = 0; j < classes; ++j) {
+      for (int u = 0; u < vectors; ++u) {
+        const int64_t at = j * lanes + u * V::size();
+        store_narrowed(V::loadu(student_buffer + at) * scale_s[u] -
+                           V::loadu(teacher_buffer + at) * scale_t[u],
+                       g + j * stride + u * V::size());
+      }
+    }
+  }
+  for (int u = 0; u < vectors; ++u) {
+    kd_row_divergence(sum_s[u], sum_t[u], cross[u]).store(row_kl + u * V::size());
+  }
+}
+
 // Row weights in the accumulation type (all ones without a weight) and their ordered sum.
 template <typename acc_t>
 std::pair<Tensor, acc_t> row_weights(const std::optional<Tensor>& weight, int64_t rows) {
@@ -261,28 +308,42 @@ std::tuple<Tensor, Tensor> kd_loss_typed(const Tensor& student, const Tensor& te
       }
     });
   } else {
-    const int64_t tiles_per_image = (positions + V::size() - 1) / V::size();
+    // Two vectors of positions cover a whole cache line of each class row.
+    constexpr int64_t lanes = 2 * V::size();
+    const int64_t tiles_per_image = (positions + lanes - 1) / lanes;
     const int64_t tiles = batch * tiles_per_image;
-    at::parallel_for(0, tiles, grain_for(classes * V::size()), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles, grain_for(classes * lanes), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer(2 * classes * lanes), coef(lanes);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n = tile / tiles_per_image;
-        const int64_t first = (tile % tiles_per_image) * V::size();
-        const int64_t offset = n * classes * positions + first;
-        const int64_t row = n * positions + first;
-        if (first + V::size() <= positions) {
-          LaneRows<scalar_t, acc_t> lanes{s + offset, t + offset, g ? g + offset : nullptr,
-                                          positions, V(inv_temperature)};
-          V coef = V(coef_per_weight) * V::loadu(w + row);
-          kd_row<V>(lanes, classes, coef, g != nullptr).store(row_kl.data() + row);
-        } else {
-          for (int64_t p = first; p < positions; ++p) {
-            const int64_t lane = p - first;
-            StridedRow<scalar_t, acc_t> single{s + offset + lane, t + offset + lane, nullptr,
-                                               g ? g + offset + lane : nullptr, positions,
-                                               inv_temperature};
-            row_kl[row + lane] =
-                kd_row<acc_t>(single, classes, coef_per_weight * w[row + lane], g != nullptr);
-          }
+        int64_t first = (tile % tiles_per_image) * lanes;
+        const int64_t last = std::min(first + lanes, positions);
+        const int64_t image_offset = n * classes * positions;
+        const int64_t image_row = n * positions;
+        for (int64_t lane = 0; lane < last - first; ++lane) {
+          coef[lane] = coef_per_weight * w[image_row + first + lane];
+        }
+        auto run_tile = [&](auto vectors) {
+          constexpr int count = decltype(vectors)::value;
+          const int64_t offset = image_offset + first;
+          kd_dense_tile<count, scalar_t, acc_t>(
+              s + offset, t + offset, g ? g + offset : nullptr, classes, positions,
+              inv_temperature, coef.data(), row_kl.data() + image_row + first,
+              buffer.data());
+          first += count * V::size();
+        };
+        if (last - first == lanes) {
+          run_tile(std::integral_constant<int, 2>{});
+        } else if (last - first >= V::size()) {
+          run_tile(std::integral_constant<int, 1>{});
+        }
+        for (int64_t p = first; p < last; ++p) {
+          const int64_t offset = image_offset + p;
+          StridedRow<scalar_t, acc_t> single{s + offset, t + offset, nullptr,
+                                             g ? g + offset : nullptr, positions,
+                                             inv_temperature};
+          row_kl[image_row + p] =
+              kd_row<acc_t>(single, classes, coef_per_weight * w[image_row + p], g != nullptr);
         }
       }
     });
