@@ -8,6 +8,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/outputs.h"
+
 extern "C" {
 // Importing sokd._C runs the static TORCH_LIBRARY registrations. The module itself only
 // says whether the CUDA kernels were compiled in (WITH_CUDA), so tests can hold the
@@ -39,4 +41,5 @@ TORCH_LIBRARY(sokd, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("feature_augment(Tensor x, int[] op_ids, Tensor values, Tensor?[] draws, "
         "int[] noise_seeds) -> Tensor");
+  m.def("release_cached_outputs() -> int", &sokd::cpu::release_cached_outputs);
 }

@@ -26,6 +26,11 @@ def supported_devices():
     return ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
 
 
+def release_cached_outputs():
+    """Free the large CPU output blocks kept for reuse; returns the bytes freed."""
+    return _ops.release_cached_outputs()
+
+
 def _loss_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "augment_plan.h"
+#include "cpu/outputs.h"
 #include "cpu/vec_math.h"
 
 namespace sokd::cpu {
@@ -109,7 +110,7 @@ Tensor feature_augment(const Tensor& x, at::IntArrayRef op_ids, const Tensor& va
   PreparedAugment prepared =
       prepare_augment(x, op_ids, values, draws, noise_seeds, c10::DeviceType::CPU);
   Tensor input = x.contiguous();
-  Tensor out = at::empty_like(input);
+  Tensor out = empty_output_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sokd_feature_augment", [&] {
     if (has_noise(prepared.plan)) {

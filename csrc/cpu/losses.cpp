@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/outputs.h"
 #include "cpu/vec_math.h"
 #include "loss_math.h"
 #include "op_checks.h"
@@ -68,7 +69,7 @@ std::tuple<Tensor, Tensor> masked_feature_loss_typed(const Tensor& student, cons
     std::tie(mask_sq, mask_total) = mask_squared<acc_t>(*mask);
     if (normalize_by_mask) normaliser = static_cast<acc_t>(channels) * mask_total;
   }
-  Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
   if (normaliser == acc_t(0)) {
     // An all-zero mask under normalize="mask": loss 0 and gradient 0, never NaN.
     if (with_grad) grad.zero_();
@@ -80,33 +81,53 @@ std::tuple<Tensor, Tensor> masked_feature_loss_typed(const Tensor& student, cons
   const acc_t* m2 = mask.has_value() ? mask_sq.data_ptr<acc_t>() : nullptr;
   scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
   const acc_t grad_scale = acc_t(2) / normaliser;
-  const int64_t vector_end = plane_size - plane_size % V::size();
+  // A gradient larger than the caches is gone from them before backward reads it: write it
+  // with streaming stores. Large outputs start on a huge page, so vectors aligned relative
+  // to the tensor's start are aligned in memory. Every plane, streamed or not, is summed in
+  // the same order: its head up to that alignment, the vectors, the tail.
+  const bool streaming = std::is_same_v<scalar_t, acc_t> && g != nullptr &&
+                         is_vector_aligned(g) && grad.nbytes() >= kLargeOutputBytes;
   std::vector<acc_t> partials(planes);
 
   at::parallel_for(0, planes, grain_for(plane_size), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t offset = plane * plane_size;
       const acc_t* plane_mask = m2 ? m2 + (plane / channels) * plane_size : nullptr;
+      acc_t sum = 0;
+      auto scalar_range = [&](int64_t from, int64_t to) {
+        for (int64_t i = from; i < to; ++i) {
+          acc_t grad_value;
+          sum += masked_squared_error(static_cast<acc_t>(s[offset + i]),
+                                      static_cast<acc_t>(t[offset + i]),
+                                      plane_mask ? plane_mask[i] : acc_t(1), grad_scale,
+                                      grad_value);
+          if (g) g[offset + i] = static_cast<scalar_t>(grad_value);
+        }
+      };
+      const int64_t head = std::min(plane_size, (V::size() - offset % V::size()) % V::size());
+      const int64_t vector_end = head + (plane_size - head) / V::size() * V::size();
+      scalar_range(0, head);
       V sum_lanes(acc_t(0));
       const V scale_lanes(grad_scale);
-      for (int64_t i = 0; i < vector_end; i += V::size()) {
+      for (int64_t i = head; i < vector_end; i += V::size()) {
         V m2_lanes = plane_mask ? V::loadu(plane_mask + i) : V(acc_t(1));
         V grad_lanes;
         sum_lanes = sum_lanes + masked_squared_error(load_widened<acc_t>(s + offset + i),
                                                      load_widened<acc_t>(t + offset + i),
                                                      m2_lanes, scale_lanes, grad_lanes);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (streaming) {
+            store_streaming(grad_lanes, g + offset + i);
+            continue;
+          }
+        }
         if (g) store_narrowed(grad_lanes, g + offset + i);
       }
-      acc_t sum = reduce_lanes(sum_lanes, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
-      for (int64_t i = vector_end; i < plane_size; ++i) {
-        acc_t grad_value;
-        sum += masked_squared_error(static_cast<acc_t>(s[offset + i]),
-                                    static_cast<acc_t>(t[offset + i]),
-                                    plane_mask ? plane_mask[i] : acc_t(1), grad_scale, grad_value);
-        if (g) g[offset + i] = static_cast<scalar_t>(grad_value);
-      }
+      sum += reduce_lanes(sum_lanes, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+      scalar_range(vector_end, plane_size);
       partials[plane] = sum;
     }
+    if (streaming) fence_streaming_stores();
   });
   Tensor loss = at::scalar_tensor(ordered_sum(partials) / normaliser,
                                   student.options().dtype(acc_dtype));
@@ -153,7 +174,7 @@ acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64
   for (int64_t j = 0; j < vector_end; j += V::size()) {
     V zs = load_widened<acc_t>(s + j) * inv_lanes - max_s_all;
     V zt = load_widened<acc_t>(t + j) * inv_lanes - max_t_all;
-    V es = zs.exp(), et = zt.exp();
+    V es = MathOps<V>::exp(zs), et = MathOps<V>::exp(zt);
     es.store(exps + j);
     et.store(exps + classes + j);
     sum_s_lanes = sum_s_lanes + es;
@@ -225,7 +246,7 @@ void kd_dense_tile(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t cl
       const int64_t at = j * lanes + u * V::size();
       V zs = V::loadu(student_buffer + at) - max_s[u];
       V zt = V::loadu(teacher_buffer + at) - max_t[u];
-      V es = zs.exp(), et = zt.exp();
+      V es = MathOps<V>::exp(zs), et = MathOps<V>::exp(zt);
       es.store(student_buffer + at);
       et.store(teacher_buffer + at);
       sum_s[u] = sum_s[u] + es;
@@ -285,7 +306,7 @@ std::tuple<Tensor, Tensor> kd_loss_typed(const Tensor& student, const Tensor& te
   Tensor weights;
   acc_t weight_total;
   std::tie(weights, weight_total) = row_weights<acc_t>(weight, rows);
-  Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
   if (weight_total == acc_t(0)) {
     if (with_grad) grad.zero_();
     return {at::zeros({}, student.options().dtype(acc_dtype)), grad};
@@ -385,7 +406,7 @@ std::tuple<Tensor, Tensor> decoupled_kd_loss_typed(const Tensor& student, const 
   const acc_t grad_coef = temp / static_cast<acc_t>(rows);
   const acc_t alpha_acc = static_cast<acc_t>(alpha), beta_acc = static_cast<acc_t>(beta);
 
-  Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
   const scalar_t* s = student.data_ptr<scalar_t>();
   const scalar_t* t = teacher.data_ptr<scalar_t>();
   const bool* in_set = class_mask.data_ptr<bool>();

