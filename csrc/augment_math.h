@@ -327,9 +327,9 @@ C10_HOST_DEVICE inline int64_t source_channel(const AugmentPlan& plan, int64_t n
   return c;
 }
 
-C10_HOST_DEVICE inline bool has_noise(const AugmentPlan& plan) {
+C10_HOST_DEVICE inline bool has_op(const AugmentPlan& plan, int kind) {
   for (int i = 0; i < plan.num_ops; ++i) {
-    if (plan.ops[i].kind == kNoise) return true;
+    if (plan.ops[i].kind == kind) return true;
   }
   return false;
 }

@@ -19,19 +19,21 @@ namespace {
 
 using at::Tensor;
 
-// Without noise: the taps of each (sample, pixel) are computed once per sample and reused for
-// every channel. A task takes V::size() channels at a time: their planes are interleaved into
-// a pixel-major tile (one vector of channels per pixel), so each tap is one contiguous vector
-// load and one FMA for all of them.
+// Without noise: the taps of each pixel are computed once (once per sample under cutout, the
+// only op that moves them between samples) and reused for every channel. A task takes two
+// vectors of channels: their planes are interleaved into a pixel-major tile, so each tap is
+// one weight broadcast, then a contiguous load and an FMA per vector of channels.
 template <typename scalar_t>
 void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
                       scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = at::vec::Vectorized<acc_t>;
-  constexpr int64_t kLanes = V::size();
+  constexpr int64_t kLanes = 2 * V::size();
   const int64_t channels = plan.channels, plane = plan.height * plan.width;
   const int64_t blocks_per_sample = (channels + kLanes - 1) / kLanes;
+  const bool taps_per_sample = has_op(plan, kCutout);
   at::parallel_for(0, batch * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    // Tap offsets are kept in tile elements (pixel * kLanes).
     std::vector<int64_t> tap_offsets(plane * kMaxSamplePoints);
     std::vector<acc_t> tap_weights(plane * kMaxSamplePoints);
     std::vector<int> tap_counts(plane);
@@ -39,11 +41,12 @@ void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t ba
     int64_t taps_for = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks_per_sample;
-      if (taps_for != n) {
+      if (taps_for < 0 || (taps_per_sample && taps_for != n)) {
         for (int64_t p = 0; p < plane; ++p) {
-          tap_counts[p] = spatial_taps<acc_t>(plan, n, p / plan.width, p % plan.width,
-                                              tap_offsets.data() + p * kMaxSamplePoints,
+          int64_t* offsets = tap_offsets.data() + p * kMaxSamplePoints;
+          tap_counts[p] = spatial_taps<acc_t>(plan, n, p / plan.width, p % plan.width, offsets,
                                               tap_weights.data() + p * kMaxSamplePoints);
+          for (int t = 0; t < tap_counts[p]; ++t) offsets[t] *= kLanes;
         }
         taps_for = n;
       }
@@ -64,13 +67,16 @@ void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t ba
       for (int64_t p = 0; p < plane; ++p) {
         const int64_t* offsets = tap_offsets.data() + p * kMaxSamplePoints;
         const acc_t* weights = tap_weights.data() + p * kMaxSamplePoints;
-        V total(acc_t(0));
+        V low(acc_t(0)), high(acc_t(0));
         for (int t = 0; t < tap_counts[p]; ++t) {
-          total = at::vec::fmadd(V(weights[t]), V::loadu(tile.data() + offsets[t] * kLanes),
-                                 total);
+          const V weight(weights[t]);
+          const acc_t* pixel = tile.data() + offsets[t];
+          low = at::vec::fmadd(weight, V::loadu(pixel), low);
+          high = at::vec::fmadd(weight, V::loadu(pixel + V::size()), high);
         }
         acc_t values[kLanes];
-        total.store(values);
+        low.store(values);
+        high.store(values + V::size());
         for (int64_t lane = 0; lane < lanes; ++lane) {
           out_block[lane * plane + p] = static_cast<scalar_t>(values[lane]);
         }
@@ -113,7 +119,7 @@ Tensor feature_augment(const Tensor& x, at::IntArrayRef op_ids, const Tensor& va
   Tensor out = empty_output_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sokd_feature_augment", [&] {
-    if (has_noise(prepared.plan)) {
+    if (has_op(prepared.plan, kNoise)) {
       augment_per_element(input.data_ptr<scalar_t>(), prepared.plan, input.size(0),
                           out.data_ptr<scalar_t>());
     } else {
