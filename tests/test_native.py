@@ -279,6 +279,19 @@ def test_feature_augment_pairs_match_reference(pair):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("op_ids", [(0, 4), (4, 5, 1)])
+def test_feature_augment_large_planes_match_reference(dtype, op_ids):
+    # Planes above 2048 pixels take the one-vector-of-channels kernel; cutout (5) moves the
+    # taps between samples. In float32, source coordinates near 48 round differently in one
+    # composed read than in two grid_sample passes (up to ~3e-5); float64 shows the math agrees.
+    x = make((3, 19, 48, 47), dtype, 17)
+    magnitudes = torch.linspace(0.3, 0.8, len(op_ids))
+    got, want = augment_both(x, op_ids, magnitudes, seed=18)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_feature_augment_dtypes_and_long_sequences(dtype):
     x = make((3, 4, 17, 7), dtype, 15)

@@ -13,10 +13,12 @@ from sokd.augment_ops import ROTATE, SHEAR_X
 
 pytest.importorskip("sokd.native", reason="sokd._C was not built")
 
-# 4 x 1100 x 33 x 31 float32 is 18 MiB, above the reuse threshold. A plane of 1023 elements
-# starts most planes off the vector alignment, so the streaming stores begin after a head.
-LARGE_FEATURES = (4, 1100, 33, 31)
-LARGE_BYTES = 4 * 1100 * 33 * 31 * 4
+# 4 x 1100 x 32 x 31 float32 is 17 MiB, above the reuse threshold. Planes of 992 elements
+# keep every vector aligned, so the gradient is written with streaming stores; planes of 1023
+# elements are not, and take ordinary stores.
+LARGE_FEATURES = (4, 1100, 32, 31)
+ODD_PLANE_FEATURES = (4, 1100, 33, 31)
+LARGE_BYTES = 4 * 1100 * 32 * 31 * 4
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +54,16 @@ def assert_masked_loss_matches_reference(student, teacher, mask):
     return grad
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
-def test_freed_gradient_block_is_reused_and_fully_overwritten(dtype):
-    shape = LARGE_FEATURES if dtype == torch.float32 else (2, 1100, 33, 31)
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        (torch.float32, LARGE_FEATURES),
+        (torch.float32, ODD_PLANE_FEATURES),
+        (torch.float64, (2, 1100, 32, 31)),
+        (torch.float64, (2, 1100, 33, 31)),
+    ],
+)
+def test_freed_gradient_block_is_reused_and_fully_overwritten(dtype, shape):
     first = assert_masked_loss_matches_reference(*feature_pair(1, dtype, shape))
     address = first.data_ptr()
     del first

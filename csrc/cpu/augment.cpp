@@ -20,15 +20,15 @@ namespace {
 using at::Tensor;
 
 // Without noise: the taps of each pixel are computed once (once per sample under cutout, the
-// only op that moves them between samples) and reused for every channel. A task takes two
-// vectors of channels: their planes are interleaved into a pixel-major tile, so each tap is
-// one weight broadcast, then a contiguous load and an FMA per vector of channels.
-template <typename scalar_t>
+// only op that moves them between samples) and reused for every channel. A task takes
+// `vectors` vectors of channels: their planes are interleaved into a pixel-major tile, so each
+// tap is one weight broadcast, then a contiguous load and an FMA per vector of channels.
+template <int vectors, typename scalar_t>
 void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
                       scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = at::vec::Vectorized<acc_t>;
-  constexpr int64_t kLanes = 2 * V::size();
+  constexpr int64_t kLanes = vectors * V::size();
   const int64_t channels = plan.channels, plane = plan.height * plan.width;
   const int64_t blocks_per_sample = (channels + kLanes - 1) / kLanes;
   const bool taps_per_sample = has_op(plan, kCutout);
@@ -67,16 +67,17 @@ void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t ba
       for (int64_t p = 0; p < plane; ++p) {
         const int64_t* offsets = tap_offsets.data() + p * kMaxSamplePoints;
         const acc_t* weights = tap_weights.data() + p * kMaxSamplePoints;
-        V low(acc_t(0)), high(acc_t(0));
+        V totals[vectors];
+        for (int u = 0; u < vectors; ++u) totals[u] = V(acc_t(0));
         for (int t = 0; t < tap_counts[p]; ++t) {
           const V weight(weights[t]);
           const acc_t* pixel = tile.data() + offsets[t];
-          low = at::vec::fmadd(weight, V::loadu(pixel), low);
-          high = at::vec::fmadd(weight, V::loadu(pixel + V::size()), high);
+          for (int u = 0; u < vectors; ++u) {
+            totals[u] = at::vec::fmadd(weight, V::loadu(pixel + u * V::size()), totals[u]);
+          }
         }
         acc_t values[kLanes];
-        low.store(values);
-        high.store(values + V::size());
+        for (int u = 0; u < vectors; ++u) totals[u].store(values + u * V::size());
         for (int64_t lane = 0; lane < lanes; ++lane) {
           out_block[lane * plane + p] = static_cast<scalar_t>(values[lane]);
         }
@@ -123,8 +124,17 @@ Tensor feature_augment(const Tensor& x, at::IntArrayRef op_ids, const Tensor& va
       augment_per_element(input.data_ptr<scalar_t>(), prepared.plan, input.size(0),
                           out.data_ptr<scalar_t>());
     } else {
-      augment_factored(input.data_ptr<scalar_t>(), prepared.plan, input.size(0),
-                       out.data_ptr<scalar_t>());
+      // Two vectors of channels share each tap's weight, as long as the tile of a plane
+      // stays in the core's L2; bigger planes take one.
+      using acc_t = at::opmath_type<scalar_t>;
+      constexpr int64_t kTileBytes = 128 << 10;
+      const int64_t plane = input.size(2) * input.size(3);
+      const int64_t pair_tile_bytes =
+          plane * 2 * at::vec::Vectorized<acc_t>::size() * sizeof(acc_t);
+      auto* factored = pair_tile_bytes <= kTileBytes ? &augment_factored<2, scalar_t>
+                                                     : &augment_factored<1, scalar_t>;
+      factored(input.data_ptr<scalar_t>(), prepared.plan, input.size(0),
+               out.data_ptr<scalar_t>());
     }
   });
   return out;

@@ -85,34 +85,22 @@ std::tuple<Tensor, Tensor> masked_feature_loss_typed(const Tensor& student, cons
   scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
   const acc_t grad_scale = acc_t(2) / normaliser;
   // A gradient larger than the caches is gone from them before backward reads it: write it
-  // with streaming stores. Large outputs start on a huge page, so vectors aligned relative
-  // to the tensor's start are aligned in memory. Every plane, streamed or not, is summed in
-  // the same order: its head up to that alignment, the vectors, the tail.
+  // with streaming stores. Only whole aligned vectors: large outputs start on a huge page,
+  // and planes of a multiple of V::size() keep every vector aligned with no scalar store
+  // sharing a cache line with a streamed one (which would flush the line half-written).
   const bool streaming = std::is_same_v<scalar_t, acc_t> && g != nullptr &&
-                         is_vector_aligned(g) && grad.nbytes() >= kLargeOutputBytes;
+                         is_vector_aligned(g) && plane_size % V::size() == 0 &&
+                         grad.nbytes() >= kLargeOutputBytes;
+  const int64_t vector_end = plane_size - plane_size % V::size();
   std::vector<acc_t> partials(planes);
 
   at::parallel_for(0, planes, grain_for(plane_size), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t offset = plane * plane_size;
       const acc_t* plane_mask = m2 ? m2 + (plane / channels) * plane_size : nullptr;
-      acc_t sum = 0;
-      auto scalar_range = [&](int64_t from, int64_t to) {
-        for (int64_t i = from; i < to; ++i) {
-          acc_t grad_value;
-          sum += masked_squared_error(static_cast<acc_t>(s[offset + i]),
-                                      static_cast<acc_t>(t[offset + i]),
-                                      plane_mask ? plane_mask[i] : acc_t(1), grad_scale,
-                                      grad_value);
-          if (g) g[offset + i] = static_cast<scalar_t>(grad_value);
-        }
-      };
-      const int64_t head = std::min(plane_size, (V::size() - offset % V::size()) % V::size());
-      const int64_t vector_end = head + (plane_size - head) / V::size() * V::size();
-      scalar_range(0, head);
       V sum_lanes(acc_t(0));
       const V scale_lanes(grad_scale);
-      for (int64_t i = head; i < vector_end; i += V::size()) {
+      for (int64_t i = 0; i < vector_end; i += V::size()) {
         // Two input streams and an output stream outrun the hardware prefetcher on one core.
         __builtin_prefetch(s + offset + i + kPrefetchElements);
         __builtin_prefetch(t + offset + i + kPrefetchElements);
@@ -129,8 +117,15 @@ std::tuple<Tensor, Tensor> masked_feature_loss_typed(const Tensor& student, cons
         }
         if (g) store_narrowed(grad_lanes, g + offset + i);
       }
-      sum += reduce_lanes(sum_lanes, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
-      scalar_range(vector_end, plane_size);
+      acc_t sum = reduce_lanes(sum_lanes, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+      for (int64_t i = vector_end; i < plane_size; ++i) {
+        acc_t grad_value;
+        sum += masked_squared_error(static_cast<acc_t>(s[offset + i]),
+                                    static_cast<acc_t>(t[offset + i]),
+                                    plane_mask ? plane_mask[i] : acc_t(1), grad_scale,
+                                    grad_value);
+        if (g) g[offset + i] = static_cast<scalar_t>(grad_value);
+      }
       partials[plane] = sum;
     }
     if (streaming) fence_streaming_stores();
