@@ -93,9 +93,6 @@ def _scaled_grad(ctx, grad_loss):
     if handover:
         # loss.backward() seeds 1, so the saved gradient is the answer, and handing it over
         # spares a full read and write (and, on the CPU, the page faults of a fresh tensor).
-        # The reference kept on ctx stops autograd from stealing it for in-place accumulation,
-        # so a retained graph hands out the same unchanged values again.
-        ctx.handed_out = grad
         return grad
     return grad * grad_loss.to(grad.dtype)
 

@@ -158,6 +158,13 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
     torch.testing.assert_close(student.grad, 2 * single)
     # In-place changes to the accumulated gradient must not reach the saved one.
     student.grad.zero_()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(student.grad, single)
+    # Nor changes to a gradient that backward stored fresh in .grad.
+    student.grad = None
+    loss.backward(retain_graph=True)
+    student.grad.mul_(0)
+    student.grad = None
     loss.backward()
     torch.testing.assert_close(student.grad, single)
 
