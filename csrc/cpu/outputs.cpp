@@ -4,8 +4,8 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 #include <mutex>
-#include <new>
 #include <utility>
 #include <vector>
 
