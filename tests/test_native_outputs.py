@@ -28,10 +28,14 @@ def empty_reuse_cache():
     sokd.empty_cache()
 
 
-def student_gradient(backend, loss_fn, student, *args):
+def on_backend(backend, fn, *args):
     sokd.set_backend(backend)
+    return fn(*args)
+
+
+def student_gradient(backend, loss_fn, student, *args):
     leaf = student.detach().requires_grad_(True)
-    loss = loss_fn(leaf, *args)
+    loss = on_backend(backend, loss_fn, leaf, *args)
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), grad
 
@@ -100,8 +104,7 @@ def test_every_op_with_a_large_output_matches_reference_on_reused_blocks():
             backend, ops.decoupled_kd_loss, logits, logits.flip(0), logits > 1.0
         ),
         "feature augment": lambda backend: (
-            sokd.set_backend(backend)
-            or ops.feature_augment(features, (SHEAR_X, ROTATE), magnitudes),
+            on_backend(backend, ops.feature_augment, features, (SHEAR_X, ROTATE), magnitudes),
         ),
     }
     for name, run in cases.items():
