@@ -1,5 +1,6 @@
 // The sokd operator library: every schema in one place. The CPU kernels register in
-// csrc/cpu, the CUDA kernels in csrc/cuda; sokd/native.py adds fake tensors and autograd.
+// csrc/cpu, the CUDA kernels in csrc/cuda, the autograd of the losses in csrc/autograd.cpp;
+// sokd/native.py adds the fake tensors.
 //
 // The loss ops return (loss, grad_student): the fused kernels compute the gradient in the
 // same pass as the loss, and backward only scales it. With with_grad=false the gradient is

@@ -1,4 +1,4 @@
-"""Launch heuristics and tensor views shared by the Triton kernels.
+"""Launch heuristics, tensor views and the backward guard shared by the Triton kernels.
 
 Block sizes come from these heuristics rather than from `triton.autotune`: a choice that
 depends only on the shape keeps every reduction's summation order fixed from one process to
@@ -7,6 +7,8 @@ under the Triton interpreter, where tuning every config would be very slow. The 
 H100 and H200: 128-thread programs for tiles up to 2048 elements, more warps for larger
 tiles, and at least a few thousand programs in flight when the shape allows it.
 """
+
+import functools
 
 import torch
 import triton
@@ -76,3 +78,45 @@ def from_image_rows(view, shape):
     if len(shape) == 2:
         return view[0].t()
     return view.view(shape)
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Identity forward; a backward through it raises."""
+
+    @staticmethod
+    def forward(ctx, gradient, op):
+        ctx.op = op
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            f"{ctx.op} is differentiable once: its fused kernel saves the first derivative "
+            "only. Use the reference backend for higher-order gradients."
+        )
+
+
+def differentiable_once(op):
+    """Decorates the backward of a fused loss. Its kernel saves the first derivative only, so
+    under create_graph=True the gradients would silently miss every second-order term: they
+    come back through a node that raises on a second backward instead. (torch's
+    once_differentiable does this only when grad_output requires grad, which a loss's seed
+    never does.)"""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def guarded(ctx, *grad_outputs):
+            with torch.no_grad():
+                gradients = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return gradients
+            return tuple(
+                None
+                if gradient is None
+                else _SecondDerivativeRefused.apply(gradient.detach().requires_grad_(True), op)
+                for gradient in gradients
+            )
+
+        return guarded
+
+    return decorate

@@ -20,6 +20,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     accumulator_type,
+    differentiable_once,
     from_image_rows,
     image_rows,
     loss_dtype,
@@ -408,6 +409,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(unscaled_grad, scale)
 
 
+@differentiable_once("sokd_triton::decoupled_kd_loss")
 def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
     unscaled_grad, scale = ctx.saved_tensors
     return unscaled_grad * (grad_loss * scale), None, None, None, None, None, None

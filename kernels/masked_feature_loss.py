@@ -17,6 +17,7 @@ from torch.library import triton_op, wrap_triton
 from ._common import (
     TARGET_PROGRAMS,
     accumulator_type,
+    differentiable_once,
     loss_dtype,
     num_warps_for,
     unscaled_gradient_like,
@@ -190,6 +191,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(unscaled_grad, scale)
 
 
+@differentiable_once("sokd_triton::masked_feature_loss")
 def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
     unscaled_grad, scale = ctx.saved_tensors
     step = grad_loss * scale

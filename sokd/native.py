@@ -3,8 +3,9 @@ backend contract of sokd/_backend.py. The registry loads this module for both "c
 "cuda"; importing it raises ImportError when the extension was not built.
 
 The C++ loss ops return (loss, grad_student): their kernels compute the input gradient in the
-same pass as the loss. Their autograd, registered here, only scales that saved gradient by
-grad_output. Fake (meta) kernels let torch.compile trace every op without a graph break.
+same pass as the loss, and their autograd (csrc/autograd.cpp) only scales that saved gradient
+by grad_output. The fake (meta) kernels registered here let torch.compile trace every op
+without a graph break.
 """
 
 import torch
@@ -70,58 +71,6 @@ def _interest_map_fake(heat, wh, offset, k, kernel):
 @torch.library.register_fake("sokd::feature_augment")
 def _feature_augment_fake(x, op_ids, values, draws, noise_seeds):
     return x.new_empty(x.shape)
-
-
-def _save_fused_grad(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    # The returned gradient is an output of the op but has no derivative of its own; without
-    # this, autograd would build a zero tensor of its size for every backward.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _scaled_grad(ctx, grad_loss):
-    if grad_loss is None:  # the loss took no part in what is being differentiated
-        return None
-    (grad,) = ctx.saved_tensors
-    handover = (
-        grad.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch.is_grad_enabled()  # create_graph=True needs the product's graph
-        and grad_loss.item() == 1
-    )
-    if handover:
-        # loss.backward() seeds 1, so the saved gradient is the answer, and handing it over
-        # spares a full read and write (and, on the CPU, the page faults of a fresh tensor).
-        return grad
-    return grad * grad_loss.to(grad.dtype)
-
-
-def _masked_feature_loss_backward(ctx, grad_loss, _):
-    grad_student = _scaled_grad(ctx, grad_loss)
-    grad_teacher = None
-    if grad_student is not None and ctx.needs_input_grad[1]:
-        grad_teacher = -grad_student
-    return grad_student, grad_teacher, None, None, None
-
-
-def _kd_loss_backward(ctx, grad_loss, _):
-    return _scaled_grad(ctx, grad_loss), None, None, None, None
-
-
-def _decoupled_kd_loss_backward(ctx, grad_loss, _):
-    return _scaled_grad(ctx, grad_loss), None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "sokd::masked_feature_loss", _masked_feature_loss_backward, setup_context=_save_fused_grad
-)
-torch.library.register_autograd(
-    "sokd::kd_loss", _kd_loss_backward, setup_context=_save_fused_grad
-)
-torch.library.register_autograd(
-    "sokd::decoupled_kd_loss", _decoupled_kd_loss_backward, setup_context=_save_fused_grad
-)
 
 
 def _needs_grad(*tensors):

@@ -169,6 +169,30 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
     torch.testing.assert_close(student.grad, single)
 
 
+def test_backward_of_a_call_without_gradient_says_so():
+    student = torch.randn(3, 5, requires_grad=True)
+    loss, grad = torch.ops.sokd.kd_loss(student, torch.randn(3, 5), 4.0, None, False)
+    assert grad.numel() == 0
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        loss.backward()
+
+
+def test_compiled_backward_scales_by_grad_output():
+    # The eager backward hands the saved gradient over when the seed is 1; a traced backward
+    # must not have that choice baked in.
+    sokd.set_backend("cpu")
+    torch._dynamo.reset()
+    teacher = torch.randn(4, 6)
+    student = torch.randn(4, 6, requires_grad=True)
+    (unit,) = torch.autograd.grad(ops.kd_loss(student, teacher), student)
+    compiled = torch.compile(
+        lambda s: ops.kd_loss(s, teacher), fullgraph=True, backend="aot_eager"
+    )
+    for seed in (1.0, 2.5, 1.0):
+        (grad,) = torch.autograd.grad(compiled(student), student, torch.tensor(seed))
+        torch.testing.assert_close(grad, seed * unit)
+
+
 def test_losses_do_not_depend_on_the_thread_count():
     sokd.set_backend("cpu")
     # Large enough that at::parallel_for splits every loss into several tasks.
