@@ -36,24 +36,22 @@ bool holds_plain_value(const Tensor& tensor) {
   return !tensor.key_set().has_any(traced) && !c10::impl::dispatch_mode_enabled();
 }
 
-// Runs a loss kernel below autograd and saves its gradient for backward.
+// Runs a loss kernel below autograd, saves its gradient for backward and hands that out
+// through `grad_out`. The gradient is an output of the op but not of the autograd function,
+// so it has no derivative without mark_non_differentiable, which compiled autograd rejects.
 template <typename Kernel>
-variable_list run_fused_loss(AutogradContext* ctx, Kernel&& kernel) {
+variable_list run_fused_loss(AutogradContext* ctx, Tensor* grad_out, Kernel&& kernel) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [loss, grad] = kernel();
   ctx->save_for_backward({grad});
-  // The gradient output has no derivative of its own; marking it spares autograd a zero
-  // tensor of its size on every backward.
-  ctx->mark_non_differentiable({grad});
-  ctx->set_materialize_grads(false);
-  return {loss, grad};
+  *grad_out = grad;
+  return {loss};
 }
 
-// d loss / d student from the saved gradient, or an undefined tensor when it is not `needed`
-// or the loss took no part in what is being differentiated.
+// d loss / d student from the saved gradient, or an undefined tensor when it is not `needed`.
 Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool needed,
                          const char* op) {
-  if (!needed || !grad_loss.defined()) return {};
+  if (!needed) return {};
   Tensor grad = ctx->get_saved_variables()[0];
   TORCH_CHECK(grad.numel() > 0, op,
               " ran with with_grad=False, so it saved no gradient to backpropagate; call it "
@@ -93,10 +91,11 @@ struct MaskedFeatureLoss : torch::autograd::Function<MaskedFeatureLoss> {
 
   static variable_list forward(AutogradContext* ctx, const Tensor& student,
                                const Tensor& teacher, const std::optional<Tensor>& mask,
-                               bool normalize_by_mask, bool with_grad) {
+                               bool normalize_by_mask, bool with_grad, Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::masked_feature_loss");
-    return run_fused_loss(
-        ctx, [&] { return op.call(student, teacher, mask, normalize_by_mask, with_grad); });
+    return run_fused_loss(ctx, grad_out, [&] {
+      return op.call(student, teacher, mask, normalize_by_mask, with_grad);
+    });
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -105,7 +104,7 @@ struct MaskedFeatureLoss : torch::autograd::Function<MaskedFeatureLoss> {
         scaled_saved_grad(ctx, grad_outputs[0], needed, "sokd::masked_feature_loss");
     Tensor grad_teacher;
     if (grad_student.defined() && ctx->needs_input_grad(1)) grad_teacher = -grad_student;
-    return {grad_student, grad_teacher, Tensor(), Tensor(), Tensor()};
+    return {grad_student, grad_teacher, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -115,15 +114,17 @@ struct KdLoss : torch::autograd::Function<KdLoss> {
 
   static variable_list forward(AutogradContext* ctx, const Tensor& student,
                                const Tensor& teacher, double temperature,
-                               const std::optional<Tensor>& weight, bool with_grad) {
+                               const std::optional<Tensor>& weight, bool with_grad,
+                               Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::kd_loss");
-    return run_fused_loss(
-        ctx, [&] { return op.call(student, teacher, temperature, weight, with_grad); });
+    return run_fused_loss(ctx, grad_out, [&] {
+      return op.call(student, teacher, temperature, weight, with_grad);
+    });
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     return {scaled_saved_grad(ctx, grad_outputs[0], ctx->needs_input_grad(0), "sokd::kd_loss"),
-            Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -133,9 +134,10 @@ struct DecoupledKdLoss : torch::autograd::Function<DecoupledKdLoss> {
 
   static variable_list forward(AutogradContext* ctx, const Tensor& student,
                                const Tensor& teacher, const Tensor& class_mask, double alpha,
-                               double beta, double temperature, bool with_grad) {
+                               double beta, double temperature, bool with_grad,
+                               Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::decoupled_kd_loss");
-    return run_fused_loss(ctx, [&] {
+    return run_fused_loss(ctx, grad_out, [&] {
       return op.call(student, teacher, class_mask, alpha, beta, temperature, with_grad);
     });
   }
@@ -143,28 +145,33 @@ struct DecoupledKdLoss : torch::autograd::Function<DecoupledKdLoss> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     return {scaled_saved_grad(ctx, grad_outputs[0], ctx->needs_input_grad(0),
                               "sokd::decoupled_kd_loss"),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
-
-LossAndGrad as_pair(const variable_list& outputs) { return {outputs[0], outputs[1]}; }
 
 LossAndGrad masked_feature_loss(const Tensor& student, const Tensor& teacher,
                                 const std::optional<Tensor>& mask, bool normalize_by_mask,
                                 bool with_grad) {
-  return as_pair(MaskedFeatureLoss::apply(student, teacher, mask, normalize_by_mask, with_grad));
+  Tensor grad;
+  Tensor loss =
+      MaskedFeatureLoss::apply(student, teacher, mask, normalize_by_mask, with_grad, &grad)[0];
+  return {loss, grad};
 }
 
 LossAndGrad kd_loss(const Tensor& student, const Tensor& teacher, double temperature,
                     const std::optional<Tensor>& weight, bool with_grad) {
-  return as_pair(KdLoss::apply(student, teacher, temperature, weight, with_grad));
+  Tensor grad;
+  Tensor loss = KdLoss::apply(student, teacher, temperature, weight, with_grad, &grad)[0];
+  return {loss, grad};
 }
 
 LossAndGrad decoupled_kd_loss(const Tensor& student, const Tensor& teacher,
                               const Tensor& class_mask, double alpha, double beta,
                               double temperature, bool with_grad) {
-  return as_pair(
-      DecoupledKdLoss::apply(student, teacher, class_mask, alpha, beta, temperature, with_grad));
+  Tensor grad;
+  Tensor loss = DecoupledKdLoss::apply(student, teacher, class_mask, alpha, beta, temperature,
+                                       with_grad, &grad)[0];
+  return {loss, grad};
 }
 
 }  // namespace

@@ -193,6 +193,25 @@ def test_compiled_backward_scales_by_grad_output():
         torch.testing.assert_close(grad, seed * unit)
 
 
+def test_compiled_autograd_runs_the_native_losses():
+    sokd.set_backend("cpu")
+    torch._dynamo.reset()
+    feature, feature_teacher = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    logits, logits_teacher = torch.randn(4, 6), torch.randn(4, 6)
+
+    def step(s, z):
+        loss = 2 * ops.kd_loss(z, logits_teacher) + ops.masked_feature_loss(s, feature_teacher)
+        loss.backward()
+
+    leaves = feature.clone().requires_grad_(), logits.clone().requires_grad_()
+    step(*leaves)
+    compiled_leaves = feature.clone().requires_grad_(), logits.clone().requires_grad_()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(step, backend="aot_eager")(*compiled_leaves)
+    for eager, compiled in zip(leaves, compiled_leaves):
+        torch.testing.assert_close(compiled.grad, eager.grad)
+
+
 def test_losses_do_not_depend_on_the_thread_count():
     sokd.set_backend("cpu")
     # Large enough that at::parallel_for splits every loss into several tasks.
