@@ -81,89 +81,156 @@ C10_HOST_DEVICE inline V kd_row(const Row& row, int64_t classes, V grad_coef, bo
 }
 
 // log(exp(a) + exp(b)) without overflow; either side may be -inf (an empty class set).
-template <typename T>
-C10_HOST_DEVICE inline T log_add_exp(T a, T b) {
-  using M = MathOps<T>;
-  T high = a > b ? a : b;
-  T low = a > b ? b : a;
-  if (low == M::lowest()) return high;
-  return high + M::log(T(1) + M::exp(low - high));
+// A NaN on either side gives NaN.
+template <typename V>
+C10_HOST_DEVICE inline V log_add_exp(V a, V b) {
+  using M = MathOps<V>;
+  const auto a_higher = a > b;
+  const V high = M::select(a_higher, a, b);
+  const V low = M::select(a_higher, b, a);
+  return M::select(low == V(M::lowest()), high, high + M::log(V(1) + M::exp(low - high)));
 }
 
-// Decoupled KD over one row with class set G (SPEC section 5): returns
-// alpha * TCKD + beta * NCKD and, when with_grad, writes grad_coef * d(row loss)/d z_s.
-// Row provides student(j), teacher(j) (divided by the temperature), in_set(j) and
-// store_grad(j, T). Every log-sum-exp keeps its own maximum, so a class set whose
-// probability underflows still gives finite terms.
+// Decoupled KD over one row with class set G (SPEC section 5), in three passes over the
+// classes. Each step takes one class; with Vectorized V, either a group of classes of one row
+// (the lanes are then reduced into scalars) or one class of several rows side by side. `in`
+// says which classes are in G.
+//   1. DecoupledKdMaxima::add: the maxima of z_s and z_t inside and outside G.
+//   2. DecoupledKdMaxima::shift gives z_s and z_t less their set's maximum, and
+//      DecoupledKdSums::add sums es = exp(shifted z_s) and et = exp(shifted z_t) per set and
+//      adds the cross term of NCKD.
+//   3. decoupled_kd_finish turns a row's statistics into its loss and gradient scales, and
+//      decoupled_kd_grad gives each class's gradient from its es and et.
+// Every log-sum-exp keeps its own maximum, so a class set whose probability underflows still
+// gives finite terms.
+template <typename V>
+struct DecoupledKdMaxima {
+  V in_s, out_s, in_t, out_t;
+
+  template <typename Mask>
+  C10_HOST_DEVICE void add(const Mask& in, V zs, V zt) {
+    using M = MathOps<V>;
+    const V none(M::lowest());
+    in_s = M::max(in_s, M::select(in, zs, none));
+    out_s = M::max(out_s, M::select(in, none, zs));
+    in_t = M::max(in_t, M::select(in, zt, none));
+    out_t = M::max(out_t, M::select(in, none, zt));
+  }
+
+  template <typename Mask>
+  C10_HOST_DEVICE void shift(const Mask& in, V zs, V zt, V& shifted_s, V& shifted_t) const {
+    using M = MathOps<V>;
+    shifted_s = zs - M::select(in, in_s, out_s);
+    shifted_t = zt - M::select(in, in_t, out_t);
+  }
+};
+
+template <typename V>
+struct DecoupledKdSums {
+  V in_s, out_s, in_t, out_t, cross_out;
+
+  template <typename Mask>
+  C10_HOST_DEVICE void add(const Mask& in, V shifted_s, V shifted_t, V es, V et) {
+    using M = MathOps<V>;
+    const V zero(0);
+    in_s = in_s + M::select(in, es, zero);
+    out_s = out_s + M::select(in, zero, es);
+    in_t = in_t + M::select(in, et, zero);
+    out_t = out_t + M::select(in, zero, et);
+    cross_out = cross_out + M::select(in, zero, et * (shifted_t - shifted_s));
+  }
+};
+
+// The gradient of a row is grad_coef * d(row loss)/d z_s = es * in_scale inside G and
+// es * out_scale - et * teacher_scale outside it.
+template <typename T>
+struct DecoupledKdRowResult {
+  T loss, in_scale, out_scale, teacher_scale;
+};
+
+// alpha * TCKD + beta * NCKD of a row and its gradient scales. has_in and has_out say whether
+// G and its complement hold any class: bools for a scalar row, lane masks for Vectorized rows
+// side by side. Terms of an empty set are computed and then dropped, never used.
+template <typename V, typename Mask>
+C10_HOST_DEVICE inline DecoupledKdRowResult<V> decoupled_kd_finish(
+    const DecoupledKdMaxima<V>& max, const DecoupledKdSums<V>& sums, const Mask& has_in,
+    const Mask& has_out, V alpha, V beta, V grad_coef) {
+  using M = MathOps<V>;
+  const V none(M::lowest()), zero(0);
+  const V lse_in_s = M::select(has_in, max.in_s + M::log(sums.in_s), none);
+  const V lse_in_t = M::select(has_in, max.in_t + M::log(sums.in_t), none);
+  const V lse_out_s = M::select(has_out, max.out_s + M::log(sums.out_s), none);
+  const V lse_out_t = M::select(has_out, max.out_t + M::log(sums.out_t), none);
+  const V lse_s = log_add_exp(lse_in_s, lse_out_s);
+  const V lse_t = log_add_exp(lse_in_t, lse_out_t);
+
+  // The log-probabilities of G (in) and of its complement (out) under each softmax.
+  const V log_s_in = lse_in_s - lse_s, log_s_out = lse_out_s - lse_s;
+  const V log_t_in = lse_in_t - lse_t, log_t_out = lse_out_t - lse_t;
+  const V p_s_in = M::select(has_in, M::exp(log_s_in), zero);
+  const V p_s_out = M::select(has_out, M::exp(log_s_out), zero);
+  const V p_t_in = M::select(has_in, M::exp(log_t_in), zero);
+  const V p_t_out = M::select(has_out, M::exp(log_t_out), zero);
+  const V tckd = M::select(has_in, p_t_in * (log_t_in - log_s_in), zero) +
+                 M::select(has_out, p_t_out * (log_t_out - log_s_out), zero);
+  const V nckd =
+      M::select(has_out, kd_row_divergence(sums.out_s, sums.out_t, sums.cross_out), zero);
+
+  // With q the student's softmax within a class's own set, d(row loss)/d z_s is
+  //   q * (-alpha p_t_in (1 - p_s_in) + alpha p_t_out p_s_in)                   in G,
+  //   q * (-alpha p_t_out (1 - p_s_out) + beta + alpha p_t_in p_s_out) - beta r  outside,
+  // where r is the teacher's softmax outside G, q = es / sum_s and r = et / sum_t of its set.
+  // 1 - p comes from expm1, which keeps it exact when one set holds almost all the mass.
+  const V rest_in = -M::expm1(log_s_in), rest_out = -M::expm1(log_s_out);
+  const V in_scale = grad_coef * alpha * (p_t_out * p_s_in - p_t_in * rest_in) / sums.in_s;
+  const V out_scale =
+      grad_coef * (beta + alpha * (p_t_in * p_s_out - p_t_out * rest_out)) / sums.out_s;
+  const V teacher_scale = grad_coef * beta / sums.out_t;
+  return {alpha * tckd + beta * nckd, M::select(has_in, in_scale, zero),
+          M::select(has_out, out_scale, zero), M::select(has_out, teacher_scale, zero)};
+}
+
+// With Vectorized V, each lane of `row` holds the scales of its own row, or all lanes the same.
+template <typename V, typename Mask>
+C10_HOST_DEVICE inline V decoupled_kd_grad(const Mask& in, V es, V et,
+                                           const DecoupledKdRowResult<V>& row) {
+  using M = MathOps<V>;
+  return es * M::select(in, row.in_scale, row.out_scale) -
+         M::select(in, V(0), et * row.teacher_scale);
+}
+
+// Decoupled KD over one row, one class at a time: returns alpha * TCKD + beta * NCKD and,
+// when with_grad, writes grad_coef * d(row loss)/d z_s. Row provides student(j), teacher(j)
+// (divided by the temperature), in_set(j) and store_grad(j, T).
 template <typename T, typename Row>
 C10_HOST_DEVICE inline T decoupled_kd_row(const Row& row, int64_t classes, T alpha, T beta,
                                           T grad_coef, bool with_grad) {
   using M = MathOps<T>;
-  const T none = M::lowest();
-  T max_in_s = none, max_out_s = none, max_in_t = none, max_out_t = none;
-  for (int64_t j = 0; j < classes; ++j) {
-    T zs = row.student(j), zt = row.teacher(j);
-    if (row.in_set(j)) {
-      max_in_s = M::max(max_in_s, zs);
-      max_in_t = M::max(max_in_t, zt);
-    } else {
-      max_out_s = M::max(max_out_s, zs);
-      max_out_t = M::max(max_out_t, zt);
-    }
-  }
-  T sum_in_s = 0, sum_out_s = 0, sum_in_t = 0, sum_out_t = 0, cross_out = 0;
+  DecoupledKdMaxima<T> max{M::lowest(), M::lowest(), M::lowest(), M::lowest()};
   bool has_in = false, has_out = false;
   for (int64_t j = 0; j < classes; ++j) {
-    T zs = row.student(j), zt = row.teacher(j);
-    if (row.in_set(j)) {
-      has_in = true;
-      sum_in_s += M::exp(zs - max_in_s);
-      sum_in_t += M::exp(zt - max_in_t);
-    } else {
-      has_out = true;
-      T et = M::exp(zt - max_out_t);
-      sum_out_s += M::exp(zs - max_out_s);
-      sum_out_t += et;
-      cross_out += et * ((zt - max_out_t) - (zs - max_out_s));
-    }
+    const bool in = row.in_set(j);
+    has_in |= in;
+    has_out |= !in;
+    max.add(in, row.student(j), row.teacher(j));
   }
-  T lse_in_s = has_in ? max_in_s + M::log(sum_in_s) : none;
-  T lse_in_t = has_in ? max_in_t + M::log(sum_in_t) : none;
-  T lse_out_s = has_out ? max_out_s + M::log(sum_out_s) : none;
-  T lse_out_t = has_out ? max_out_t + M::log(sum_out_t) : none;
-  T lse_s = log_add_exp(lse_in_s, lse_out_s);
-  T lse_t = log_add_exp(lse_in_t, lse_out_t);
-
-  T tckd = 0, nckd = 0, p_t_in = 0, p_t_out = 0;
-  if (has_in) {
-    T log_t = lse_in_t - lse_t;
-    p_t_in = M::exp(log_t);
-    tckd += p_t_in * (log_t - (lse_in_s - lse_s));
+  DecoupledKdSums<T> sums{0, 0, 0, 0, 0};
+  T shifted_s, shifted_t;
+  for (int64_t j = 0; j < classes; ++j) {
+    const bool in = row.in_set(j);
+    max.shift(in, row.student(j), row.teacher(j), shifted_s, shifted_t);
+    sums.add(in, shifted_s, shifted_t, M::exp(shifted_s), M::exp(shifted_t));
   }
-  if (has_out) {
-    T log_t = lse_out_t - lse_t;
-    p_t_out = M::exp(log_t);
-    tckd += p_t_out * (log_t - (lse_out_s - lse_s));
-    nckd = kd_row_divergence(sum_out_s, sum_out_t, cross_out);
-  }
-
+  const DecoupledKdRowResult<T> result =
+      decoupled_kd_finish(max, sums, has_in, has_out, alpha, beta, grad_coef);
   if (with_grad) {
     for (int64_t j = 0; j < classes; ++j) {
-      T zs = row.student(j);
-      T p_s = M::exp(zs - lse_s);
-      T grad;
-      if (row.in_set(j)) {
-        grad = -alpha * p_t_in * (M::exp(zs - lse_in_s) - p_s);
-        if (has_out) grad += alpha * p_t_out * p_s;
-      } else {
-        T q_s = M::exp(zs - lse_out_s);
-        grad = -alpha * p_t_out * (q_s - p_s) + beta * (q_s - M::exp(row.teacher(j) - lse_out_t));
-        if (has_in) grad += alpha * p_t_in * p_s;
-      }
-      row.store_grad(j, grad_coef * grad);
+      const bool in = row.in_set(j);
+      max.shift(in, row.student(j), row.teacher(j), shifted_s, shifted_t);
+      row.store_grad(j, decoupled_kd_grad(in, M::exp(shifted_s), M::exp(shifted_t), result));
     }
   }
-  return alpha * tckd + beta * nckd;
+  return result.loss;
 }
 
 }  // namespace sokd

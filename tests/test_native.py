@@ -225,6 +225,7 @@ def test_losses_do_not_depend_on_the_thread_count():
             ops.kd_loss(logits, teacher),
             ops.kd_loss(dense, dense_teacher),
             ops.decoupled_kd_loss(logits, teacher, logits > 0.5),
+            ops.decoupled_kd_loss(dense, dense_teacher, dense > 0.5),
         ))
 
     previous = torch.get_num_threads()
@@ -255,6 +256,13 @@ def test_loss_gradcheck_float64():
     class_mask = class_mask_for((4, 6), 10)
     assert torch.autograd.gradcheck(
         lambda s: ops.decoupled_kd_loss(s, teacher_rows, class_mask, 1.0, 8.0, 4.0), (rows,)
+    )
+    # 9 positions: two vectors of float64 rows in one tile, then a single row.
+    dense = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    dense_teacher = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    dense_mask = class_mask_for((2, 5, 3, 3), 11)
+    assert torch.autograd.gradcheck(
+        lambda s: ops.decoupled_kd_loss(s, dense_teacher, dense_mask, 2.0, 3.0, 2.0), (dense,)
     )
 
 

@@ -23,8 +23,10 @@ struct MathOps<at::vec::Vectorized<T>> {
       return x.exp();
     }
   }
+  static V expm1(const V& x) { return x.expm1(); }
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V select(const V& in, const V& a, const V& b) { return V::blendv(b, a, in); }
   static V lowest() { return V(-std::numeric_limits<T>::infinity()); }
 };
 
