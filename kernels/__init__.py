@@ -1,6 +1,6 @@
 """Triton kernels for sokd, installed as the subpackage `sokd.kernels`: the "triton" backend.
 
-Each op is a `torch.library.triton_op` (namespace sokd_triton) with its autograd formula beside
+Each op is a PyTorch `triton_op` custom op (namespace sokd_triton) with its autograd formula beside
 the kernel, so `torch.compile(fullgraph=True)` traces it. The functions exported here implement
 the backend contract documented in sokd/_backend.py.
 """
