@@ -30,9 +30,9 @@ using LossAndGrad = std::tuple<Tensor, Tensor>;
 // and functional tensors, functorch wrappers, any dispatch mode) has no value to read, or
 // would have it baked into the graph.
 bool holds_plain_value(const Tensor& tensor) {
-  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                    c10::DispatchKey::FuncTorchGradWrapper,
-                                    c10::DispatchKey::FuncTorchBatched});
+  static const c10::DispatchKeySet traced(
+      {c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched});
   return !tensor.key_set().has_any(traced) && !c10::impl::dispatch_mode_enabled();
 }
 

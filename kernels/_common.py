@@ -106,10 +106,10 @@ def differentiable_once(op):
     def decorate(backward):
         @functools.wraps(backward)
         def guarded(ctx, *grad_outputs):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grad_outputs)
             with torch.no_grad():
                 gradients = backward(ctx, *grad_outputs)
-            if not torch.is_grad_enabled():
-                return gradients
             return tuple(
                 None
                 if gradient is None
