@@ -8,6 +8,7 @@ H100 and H200: 128-thread programs for tiles up to 2048 elements, more warps for
 tiles, and at least a few thousand programs in flight when the shape allows it.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -38,11 +39,11 @@ def num_warps_for(tile_elements):
     return 16
 
 
-def row_tile(classes, rows_per_image):
+def row_tile(classes, rows_per_image, max_tile=MAX_TILE):
     """(BLOCK_ROWS, BLOCK_CLASSES) for softmax rows: a whole row per tile when it fits
-    MAX_TILE, several short rows per tile, and chunks of MAX_TILE classes for long rows."""
-    block_classes = min(triton.next_power_of_2(classes), MAX_TILE)
-    block_rows = min(triton.next_power_of_2(rows_per_image), max(1, MAX_TILE // block_classes))
+    max_tile, several short rows per tile, and chunks of max_tile classes for long rows."""
+    block_classes = min(triton.next_power_of_2(classes), max_tile)
+    block_rows = min(triton.next_power_of_2(rows_per_image), max(1, max_tile // block_classes))
     return block_rows, block_classes
 
 
@@ -65,12 +66,45 @@ def per_row(weight, logits_dim):
     return weight.reshape(weight.shape[0], -1)
 
 
-def unscaled_gradient_like(view, compute_grad):
-    """The buffer for a saved gradient (same strides as `view` when it is dense), or an empty
-    placeholder when no gradient is wanted."""
+def on_device(tensor):
+    """The device guard of a launch: Triton launches on the current CUDA device, so tensors on
+    cuda:1 need cuda:1 made current, as PyTorch's own CUDA ops do. Entering it costs one
+    device exchange; CPU tensors (the interpreter) need no guard."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def saved_gradient_dtype(dtype):
+    """float16 and bfloat16 gradients are kept in float32 until backward has applied the
+    incoming gradient, so they are rounded to their own type once, as the float32 result of
+    the reference is. Other types keep their own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def saved_gradient_like(view, compute_grad):
+    """The buffer for a saved gradient (same strides as `view` when it is dense, float32 for
+    half types), or an empty placeholder when no gradient is wanted."""
     if not compute_grad:
         return view.new_empty(0)
-    return torch.empty_like(view)
+    return torch.empty_like(view, dtype=saved_gradient_dtype(view.dtype))
+
+
+def reciprocal_or_zero(total):
+    """1 / total as a 0-d tensor, 0 where total is 0; computed on the device, no sync."""
+    nonzero = total != 0
+    return torch.where(nonzero, 1 / torch.where(nonzero, total, 1), 0)
+
+
+def apply_saved_gradient(saved, grad_loss, dtype):
+    """d loss / d input = saved * grad_loss in one pass, rounded once to the input's dtype.
+
+    The saved gradient already carries the loss's normalisation, so this is the only pass
+    backward makes. It always makes it: handing the saved buffer itself to a seed of 1 would
+    alias it with the result of every later backward through a retained graph, and on a GPU
+    reading the seed would cost a host sync."""
+    result = torch.empty_like(saved, dtype=dtype)
+    return torch.mul(saved, grad_loss, out=result)
 
 
 def from_image_rows(view, shape):

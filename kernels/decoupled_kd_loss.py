@@ -8,9 +8,11 @@ whole group). From them, with a = s/T and b = t/T:
     NCKD = KL between the softmaxes of a and b restricted to the complement of G
     d row / d s_c = T * (alpha * (p_s(c) - P_t(j) * q_s(c)) + beta * [c not in G] * (q_s(c) - q_t(c)))
 
-where j is the group of class c and q is the softmax within that group. A group that is empty
-contributes nothing. Rows, tiles, chunking, partial sums and the unscaled saved gradient work as
-in kd_loss.py; the temperature and the weights travel as float32 kernel arguments.
+where j is the group of class c and q is the softmax within that group. A group that holds no
+class of the row contributes nothing; whether it holds one comes from the class mask, never
+from the sums, so a row of -inf logits gives NaN as the reference does. Rows, tiles, chunking,
+partial sums and the scaled saved gradient work as in kd_loss.py; the temperature and the
+weights travel as float32 kernel arguments.
 """
 
 import torch
@@ -20,15 +22,27 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     accumulator_type,
+    apply_saved_gradient,
     differentiable_once,
     from_image_rows,
     image_rows,
     loss_dtype,
-    num_warps_for,
+    on_device,
     row_tile,
-    unscaled_gradient_like,
+    saved_gradient_like,
 )
 from ._online_softmax import log_sum_exp, merge_chunk
+
+
+# A tile of decoupled KD keeps about twice the live values per element of plain KD (two
+# networks' values, both class-set flags and four groups of statistics). ptxas reports spills
+# for 128 x 32 dense tiles at 16 elements per thread; at most 2048 elements and 8 per thread
+# keep every tile in registers (tests/triton_compile.py reports both).
+_MAX_TILE = 2048
+
+
+def _num_warps(tile_elements):
+    return max(4, min(16, tile_elements // 256))
 
 
 @triton.jit
@@ -48,9 +62,11 @@ def _load_chunk(
     """Student and teacher tiles divided by T (-inf past the row) and the class-set flags."""
     valid = (index < classes)[None, :]
     inside = row_ok[:, None] & valid
-    student = tl.load(student_rows + index[None, :] * student_stride_k, mask=inside, other=0)
-    teacher = tl.load(teacher_rows + index[None, :] * teacher_stride_k, mask=inside, other=0)
-    in_set = tl.load(mask_rows + index[None, :] * mask_stride_k, mask=inside, other=0) != 0
+    # 64-bit: the classes of a dense map lie H*W apart, and K*H*W may pass 2^31.
+    offset = index.to(tl.int64)[None, :]
+    student = tl.load(student_rows + offset * student_stride_k, mask=inside, other=0)
+    teacher = tl.load(teacher_rows + offset * teacher_stride_k, mask=inside, other=0)
+    in_set = tl.load(mask_rows + offset * mask_stride_k, mask=inside, other=0) != 0
     a = tl.where(valid, student.to(ACC_TYPE) / temperature, float("-inf"))
     b = tl.where(valid, teacher.to(ACC_TYPE) / temperature, float("-inf"))
     return a, b, in_set, valid & ~in_set
@@ -67,13 +83,16 @@ def _fold_chunk(
     max_t_out,
     sum_t_out,
     cross_out,
+    count_in,
+    count_out,
     a,
     b,
     in_set,
     out_set,
 ):
-    """Fold one chunk into the per-group statistics of both networks and into the NCKD sum
-    of exp(b - max_t_out) * (b - a) over the classes outside G."""
+    """Fold one chunk into the per-group statistics of both networks, into the NCKD sum
+    of exp(b - max_t_out) * (b - a) over the classes outside G, and into the class counts of
+    G and of its complement."""
     max_s_in, sum_s_in, _, _ = merge_chunk(max_s_in, sum_s_in, tl.where(in_set, a, float("-inf")))
     max_s_out, sum_s_out, _, _ = merge_chunk(
         max_s_out, sum_s_out, tl.where(out_set, a, float("-inf"))
@@ -85,6 +104,8 @@ def _fold_chunk(
     cross_out = cross_out * rescale + tl.sum(
         tl.where(out_set, tl.exp(b - shift[:, None]) * (b - a), 0.0), axis=1
     )
+    count_in += tl.sum(in_set.to(tl.int32), axis=1)
+    count_out += tl.sum(out_set.to(tl.int32), axis=1)
     return (
         max_s_in,
         sum_s_in,
@@ -95,6 +116,8 @@ def _fold_chunk(
         max_t_out,
         sum_t_out,
         cross_out,
+        count_in,
+        count_out,
     )
 
 
@@ -119,8 +142,9 @@ def _gradient(
     p_t_out,
     alpha,
     beta,
-    temperature,
+    scale,
 ):
+    """grad_coef * d(row loss)/d s of a tile, where scale = T / rows."""
     group_lse = tl.where(in_set, lse_s_in[:, None], lse_s_out[:, None])
     group_p_t = tl.where(in_set, p_t_in[:, None], p_t_out[:, None])
     p_s = tl.exp(a - lse_s[:, None])
@@ -128,7 +152,7 @@ def _gradient(
     q_t = tl.exp(b - lse_t_out[:, None])
     tckd = p_s - group_p_t * q_s
     nckd = tl.where(out_set, q_s - q_t, 0.0)
-    return (alpha * tckd + beta * nckd) * temperature
+    return (alpha * tckd + beta * nckd) * scale
 
 
 @triton.jit
@@ -136,6 +160,7 @@ def _decoupled_kd_kernel(
     student_ptr,
     teacher_ptr,
     mask_ptr,
+    scale_ptr,
     grad_ptr,
     partial_ptr,
     classes,
@@ -182,6 +207,8 @@ def _decoupled_kd_kernel(
     sum_t_in = tl.zeros((BLOCK_R,), ACC_TYPE)
     sum_t_out = tl.zeros((BLOCK_R,), ACC_TYPE)
     cross_out = tl.zeros((BLOCK_R,), ACC_TYPE)
+    count_in = tl.zeros((BLOCK_R,), tl.int32)
+    count_out = tl.zeros((BLOCK_R,), tl.int32)
     if SINGLE_CHUNK:
         a, b, in_set, out_set = _load_chunk(
             student_rows,
@@ -206,6 +233,8 @@ def _decoupled_kd_kernel(
             max_t_out,
             sum_t_out,
             cross_out,
+            count_in,
+            count_out,
         ) = _fold_chunk(
             max_s_in,
             sum_s_in,
@@ -216,6 +245,8 @@ def _decoupled_kd_kernel(
             max_t_out,
             sum_t_out,
             cross_out,
+            count_in,
+            count_out,
             a,
             b,
             in_set,
@@ -246,6 +277,8 @@ def _decoupled_kd_kernel(
                 max_t_out,
                 sum_t_out,
                 cross_out,
+                count_in,
+                count_out,
             ) = _fold_chunk(
                 max_s_in,
                 sum_s_in,
@@ -256,6 +289,8 @@ def _decoupled_kd_kernel(
                 max_t_out,
                 sum_t_out,
                 cross_out,
+                count_in,
+                count_out,
                 a,
                 b,
                 in_set,
@@ -268,9 +303,10 @@ def _decoupled_kd_kernel(
     lse_t_out = log_sum_exp(max_t_out, sum_t_out)
     lse_s = _log_add_exp(lse_s_in, lse_s_out)
     lse_t = _log_add_exp(lse_t_in, lse_t_out)
-    # A NaN logit makes its group's sum NaN, which must count as present so that it propagates.
-    has_in = sum_s_in != 0
-    has_out = sum_s_out != 0
+    # Presence comes from the class mask: a group of -inf logits sums to 0 yet is present, and
+    # its NaN terms must propagate as they do in the reference.
+    has_in = count_in != 0
+    has_out = count_out != 0
     log_p_t_in = lse_t_in - lse_t
     log_p_t_out = lse_t_out - lse_t
     p_t_in = tl.exp(log_p_t_in)
@@ -285,6 +321,7 @@ def _decoupled_kd_kernel(
 
     if COMPUTE_GRAD:
         grad_rows = grad_ptr + image * grad_stride_n + row_offset * grad_stride_r
+        grad_scale = temperature * tl.load(scale_ptr).to(ACC_TYPE)
         if SINGLE_CHUNK:
             grad = _gradient(
                 a,
@@ -299,10 +336,10 @@ def _decoupled_kd_kernel(
                 p_t_out,
                 alpha,
                 beta,
-                temperature,
+                grad_scale,
             )
             tl.store(
-                grad_rows + chunk[None, :] * grad_stride_k,
+                grad_rows + chunk.to(tl.int64)[None, :] * grad_stride_k,
                 grad.to(grad_ptr.dtype.element_ty),
                 mask=row_ok[:, None] & (chunk < classes)[None, :],
             )
@@ -335,10 +372,10 @@ def _decoupled_kd_kernel(
                     p_t_out,
                     alpha,
                     beta,
-                    temperature,
+                    grad_scale,
                 )
                 tl.store(
-                    grad_rows + index[None, :] * grad_stride_k,
+                    grad_rows + index.to(tl.int64)[None, :] * grad_stride_k,
                     grad.to(grad_ptr.dtype.element_ty),
                     mask=row_ok[:, None] & (index < classes)[None, :],
                 )
@@ -354,42 +391,44 @@ def _decoupled_kd_loss_op(
     temperature: float,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, unscaled student gradient, 1 / rows) for decoupled KD over class_mask."""
+    """(loss, scaled student gradient (float32 for half inputs), 1 / rows) for decoupled KD."""
     student_rows = image_rows(student)
     teacher_rows = image_rows(teacher)
     mask_rows = image_rows(class_mask)
     images, classes, rows = student_rows.shape
-    grad_rows = unscaled_gradient_like(student_rows, compute_grad)
+    grad_rows = saved_gradient_like(student_rows, compute_grad)
 
-    block_r, block_k = row_tile(classes, rows)
+    block_r, block_k = row_tile(classes, rows, _MAX_TILE)
     row_blocks = triton.cdiv(rows, block_r)
     programs = images * row_blocks
     acc_dtype = loss_dtype(student.dtype)
     partials = student.new_empty(programs, dtype=acc_dtype)
-    wrap_triton(_decoupled_kd_kernel)[(programs,)](
-        student_rows,
-        teacher_rows,
-        mask_rows,
-        grad_rows,
-        partials,
-        classes,
-        rows,
-        row_blocks,
-        *student_rows.stride(),
-        *teacher_rows.stride(),
-        *mask_rows.stride(),
-        *(grad_rows.stride() if compute_grad else (0, 0, 0)),
-        temperature,
-        alpha,
-        beta,
-        COMPUTE_GRAD=compute_grad,
-        ACC_TYPE=accumulator_type(student.dtype),
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        SINGLE_CHUNK=classes <= block_k,
-        num_warps=num_warps_for(block_r * block_k),
-    )
     scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student.device)
+    with on_device(student):
+        wrap_triton(_decoupled_kd_kernel)[(programs,)](
+            student_rows,
+            teacher_rows,
+            mask_rows,
+            scale,
+            grad_rows,
+            partials,
+            classes,
+            rows,
+            row_blocks,
+            *student_rows.stride(),
+            *teacher_rows.stride(),
+            *mask_rows.stride(),
+            *(grad_rows.stride() if compute_grad else (0, 0, 0)),
+            temperature,
+            alpha,
+            beta,
+            COMPUTE_GRAD=compute_grad,
+            ACC_TYPE=accumulator_type(student.dtype),
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            SINGLE_CHUNK=classes <= block_k,
+            num_warps=_num_warps(block_r * block_k),
+        )
     grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows
     return partials.sum() * scale, grad, scale
 
@@ -399,20 +438,22 @@ def _(student, teacher, class_mask, alpha, beta, temperature, compute_grad):
     # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
     # is also what keeps torch.compile working under the Triton interpreter.
     acc_dtype = loss_dtype(student.dtype)
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    grad = saved_gradient_like(student, compute_grad)
     return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    _, unscaled_grad, scale = output
-    ctx.mark_non_differentiable(unscaled_grad, scale)
-    ctx.save_for_backward(unscaled_grad, scale)
+    _, saved_grad, scale = output
+    ctx.mark_non_differentiable(saved_grad, scale)
+    ctx.save_for_backward(saved_grad)
+    ctx.grad_dtype = inputs[0].dtype
 
 
 @differentiable_once("sokd_triton::decoupled_kd_loss")
-def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
-    unscaled_grad, scale = ctx.saved_tensors
-    return unscaled_grad * (grad_loss * scale), None, None, None, None, None, None
+def _backward(ctx, grad_loss, _grad_saved, _grad_scale):
+    (saved_grad,) = ctx.saved_tensors
+    grad = apply_saved_gradient(saved_grad, grad_loss, ctx.grad_dtype)
+    return grad, None, None, None, None, None, None
 
 
 _decoupled_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)

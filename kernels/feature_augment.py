@@ -32,7 +32,7 @@ from sokd.augment_ops import (
     affine_matrix,
 )
 
-from ._common import accumulator_type, num_warps_for
+from ._common import accumulator_type, num_warps_for, on_device
 
 NO_OP = -1
 # One row of op parameters: the mapped magnitude v, then the 2 x 3 affine theta.
@@ -117,7 +117,10 @@ def _first_op(
             tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
             inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
             tap = tl.load(
-                base + channel * stride_c + tap_y * stride_h + tap_x * stride_w,
+                base
+                + channel * stride_c
+                + tap_y.to(tl.int64) * stride_h
+                + tap_x.to(tl.int64) * stride_w,
                 mask=inside,
                 other=0,
             ).to(ACC_TYPE)
@@ -168,9 +171,13 @@ def _pointwise_first_op(
     """The first op's output when it reads a single input element (every op but affine)."""
     source_channel = channel
     if OP == _SHUFFLE:
-        source_channel = tl.load(draw_ptr + image * channels + channel, mask=ok, other=0)
+        source_channel = tl.load(draw_ptr + image * channels + channel, mask=ok, other=0).to(
+            tl.int64
+        )
     value = tl.load(
-        base + source_channel * stride_c + y * stride_h + x * stride_w, mask=ok, other=0
+        base + source_channel * stride_c + y.to(tl.int64) * stride_h + x.to(tl.int64) * stride_w,
+        mask=ok,
+        other=0,
     ).to(ACC_TYPE)
     if OP == _CUTOUT:
         magnitude = tl.load(params_ptr)
@@ -214,7 +221,8 @@ def _feature_augment_kernel(
     ok = flat < total
     x = (flat % width).to(tl.int32)
     y = ((flat // width) % height).to(tl.int32)
-    channel = ((flat // (width * height)) % channels).to(tl.int32)
+    # Channels stay 64-bit: they scale the channel stride, and C * H * W may pass 2^31.
+    channel = (flat // (width * height)) % channels
     image = flat // (width * height * channels)
     params_b = params_ptr + _PARAMS_PER_OP
     if AFFINE_B:
@@ -249,7 +257,7 @@ def _feature_augment_kernel(
         source_channel = channel
         if OP_B == _SHUFFLE:
             source_channel = tl.load(draw_b_ptr + image * channels + channel, mask=ok, other=0).to(
-                tl.int32
+                tl.int64
             )
         result = _first_op(
             x_ptr,
@@ -287,6 +295,14 @@ def _feature_augment_kernel(
     tl.store(out_ptr + flat, result.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def augment_block(op_a, op_b, numel):
+    """Elements per program. Two affine ops keep 16 bilinear taps and their weights live per
+    element; 256 elements over 4 warps (2 per thread) keep them in registers, where 1024
+    would spill. One affine op or none: 1024."""
+    largest = 256 if op_a in AFFINE_OPS and op_b in AFFINE_OPS else 1024
+    return min(largest, triton.next_power_of_2(numel))
+
+
 @triton_op("sokd_triton::feature_augment_pair", mutates_args=())
 def _augment_pair_op(
     x: torch.Tensor,
@@ -302,28 +318,29 @@ def _augment_pair_op(
     """op_b(op_a(x)) as a contiguous map of out_dtype; op_b may be NO_OP."""
     _, channels, height, width = x.shape
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    block = min(1024, triton.next_power_of_2(out.numel()))
-    wrap_triton(_feature_augment_kernel)[(triton.cdiv(out.numel(), block),)](
-        x,
-        out,
-        params,
-        draw_a,
-        draw_b,
-        seed_a,
-        seed_b,
-        out.numel(),
-        channels,
-        height,
-        width,
-        *x.stride(),
-        OP_A=op_a,
-        OP_B=op_b,
-        AFFINE_A=op_a in AFFINE_OPS,
-        AFFINE_B=op_b in AFFINE_OPS,
-        ACC_TYPE=accumulator_type(x.dtype),
-        BLOCK=block,
-        num_warps=num_warps_for(block),
-    )
+    block = augment_block(op_a, op_b, out.numel())
+    with on_device(x):
+        wrap_triton(_feature_augment_kernel)[(triton.cdiv(out.numel(), block),)](
+            x,
+            out,
+            params,
+            draw_a,
+            draw_b,
+            seed_a,
+            seed_b,
+            out.numel(),
+            channels,
+            height,
+            width,
+            *x.stride(),
+            OP_A=op_a,
+            OP_B=op_b,
+            AFFINE_A=op_a in AFFINE_OPS,
+            AFFINE_B=op_b in AFFINE_OPS,
+            ACC_TYPE=accumulator_type(x.dtype),
+            BLOCK=block,
+            num_warps=num_warps_for(block),
+        )
     return out
 
 

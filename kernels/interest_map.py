@@ -2,7 +2,9 @@
 
 1. Candidates: each program takes a chunk of one image's heat_channels x H x W values, keeps
    the local maxima of its kernel x kernel window (others become 0, as in the reference) and
-   picks the chunk's own top k.
+   picks the chunk's own top k. The window is a loop at run time, clipped to the map (taps
+   outside it read -inf and change nothing), so neither compile time nor run time grows with
+   a kernel larger than the map.
 2. Decode: one program per image picks the top k among the chunks' candidates and turns each
    peak into a box with the reference's clamps.
 3. Count map: every position counts the boxes that cover it.
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import accumulator_type, num_warps_for
+from ._common import accumulator_type, num_warps_for, on_device
 
 # A flat index past every real one marks an unused candidate slot.
 _NO_INDEX = tl.constexpr(2**62)
@@ -48,34 +50,43 @@ def _candidates_kernel(
     heat_stride_c,
     heat_stride_h,
     heat_stride_w,
-    KERNEL: tl.constexpr,
+    radius_y,
+    radius_x,
+    chunks,
     ACC_TYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    # One grid dimension (images x chunks): the second and third are limited to 65535.
+    program = tl.program_id(0).to(tl.int64)
+    image = program // chunks
+    chunk = program % chunks
+    # 64-bit: heat_channels x H x W of one image may pass 2^31.
     flat = chunk * BLOCK + tl.arange(0, BLOCK)
     plane = height * width
-    in_map = flat < channels * plane
+    in_map = flat // plane < channels
     channel = flat // plane
     y = (flat % plane) // width
     x = flat % width
     base = heat_ptr + image * heat_stride_n + channel * heat_stride_c
     value = tl.load(base + y * heat_stride_h + x * heat_stride_w, mask=in_map, other=0).to(ACC_TYPE)
     pooled = tl.full((BLOCK,), float("-inf"), ACC_TYPE)
-    for dy in tl.static_range(KERNEL):
-        for dx in tl.static_range(KERNEL):
-            ny = y + (dy - (KERNEL - 1) // 2)
-            nx = x + (dx - (KERNEL - 1) // 2)
-            inside = in_map & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    # radius_y and radius_x are the window's half sizes clipped to the map; the loops run at
+    # run time, so a user's kernel size is never unrolled by the compiler.
+    for dy in range(0, 2 * radius_y + 1):
+        ny = y + (dy - radius_y)
+        row_inside = in_map & (ny >= 0) & (ny < height)
+        row_at = base + ny * heat_stride_h
+        for dx in range(0, 2 * radius_x + 1):
+            nx = x + (dx - radius_x)
+            inside = row_inside & (nx >= 0) & (nx < width)
             neighbour = tl.load(
-                base + ny * heat_stride_h + nx * heat_stride_w, mask=inside, other=float("-inf")
+                row_at + nx * heat_stride_w, mask=inside, other=float("-inf")
             ).to(ACC_TYPE)
             # NaN spreads through the window, as it does through the reference's max-pool.
             pooled = tl.maximum(pooled, neighbour, propagate_nan=tl.PropagateNan.ALL)
     peak = tl.where(value == pooled, value, 0.0)
 
-    slot_base = (image * tl.num_programs(1) + chunk) * k
+    slot_base = program * k
     best = tl.full((), float("inf"), ACC_TYPE)
     best_index = tl.full((), -1, tl.int64)
     for slot in range(k):
@@ -116,7 +127,7 @@ def _decode_kernel(
         pick_value = tl.full((), float("-inf"), ACC_TYPE)
         pick_index = tl.full((), _NO_INDEX, tl.int64)
         for start in range(0, candidates, BLOCK):
-            slot = start + lane
+            slot = (start + lane).to(tl.int64)
             present = slot < candidates
             values = tl.load(value_ptr + candidate_base + slot, mask=present, other=float("-inf"))
             index = tl.load(index_ptr + candidate_base + slot, mask=present, other=_NO_INDEX)
@@ -159,11 +170,14 @@ def _count_kernel(
     k,
     height,
     width,
+    position_blocks,
     BLOCK_P: tl.constexpr,
     BLOCK_BOXES: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    position = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # One grid dimension (images x position blocks), as in _candidates_kernel.
+    program = tl.program_id(0).to(tl.int64)
+    image = program // position_blocks
+    position = (program % position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_map = position < height * width
     y = (position // width)[:, None]
     x = (position % width)[:, None]
@@ -181,8 +195,28 @@ def _count_kernel(
     tl.store(count_ptr + image * height * width + position, count, mask=in_map)
 
 
-def _chunk_size(k):
-    return max(1024, triton.next_power_of_2(k))
+def launch_plan(images, channels, height, width, k):
+    """Block sizes and grids of the three kernels for images x channels x H x W heat maps.
+
+    Every grid has one dimension, whose limit is 2^31 - 1 programs; images and blocks are
+    folded into it, because grid dimensions 1 and 2 stop at 65535."""
+    values = channels * height * width
+    chunk = min(max(1024, triton.next_power_of_2(k)), triton.next_power_of_2(values))
+    chunks = triton.cdiv(values, chunk)
+    candidate_block = min(triton.next_power_of_2(chunks * k), 4096)
+    block_p = min(triton.next_power_of_2(height * width), 256)
+    position_blocks = triton.cdiv(height * width, block_p)
+    return {
+        "chunk": chunk,
+        "chunks": chunks,
+        "candidates_grid": (images * chunks,),
+        "candidate_block": candidate_block,
+        "decode_grid": (images,),
+        "block_p": block_p,
+        "block_boxes": min(triton.next_power_of_2(k), 16),
+        "position_blocks": position_blocks,
+        "count_grid": (images * position_blocks,),
+    }
 
 
 @triton_op("sokd_triton::interest_map", mutates_args=())
@@ -192,59 +226,59 @@ def _interest_map_op(
     images, channels, height, width = heat.shape
     acc_type = accumulator_type(heat.dtype)
     values_dtype = torch.float64 if heat.dtype == torch.float64 else torch.float32
-    chunk = min(_chunk_size(k), triton.next_power_of_2(channels * height * width))
-    chunks = triton.cdiv(channels * height * width, chunk)
+    plan = launch_plan(images, channels, height, width, k)
+    chunks = plan["chunks"]
+    radius = (kernel - 1) // 2
     candidate_values = heat.new_empty((images, chunks, k), dtype=values_dtype)
     candidate_index = heat.new_empty((images, chunks, k), dtype=torch.int64)
-    wrap_triton(_candidates_kernel)[(images, chunks)](
-        heat,
-        candidate_values,
-        candidate_index,
-        k,
-        channels,
-        height,
-        width,
-        *heat.stride(),
-        KERNEL=kernel,
-        ACC_TYPE=acc_type,
-        BLOCK=chunk,
-        num_warps=num_warps_for(chunk),
-    )
-
     boxes = heat.new_empty((images, k, 4), dtype=torch.int64)
     scores = heat.new_empty((images, k))
-    candidate_block = min(triton.next_power_of_2(chunks * k), 4096)
-    wrap_triton(_decode_kernel)[(images,)](
-        candidate_values,
-        candidate_index,
-        wh,
-        offset,
-        boxes,
-        scores,
-        k,
-        chunks * k,
-        height,
-        width,
-        *wh.stride(),
-        *offset.stride(),
-        ACC_TYPE=acc_type,
-        BLOCK=candidate_block,
-        num_warps=num_warps_for(candidate_block),
-    )
-
     count = heat.new_empty((images, height, width), dtype=torch.float32)
-    block_p = min(triton.next_power_of_2(height * width), 256)
-    block_boxes = min(triton.next_power_of_2(k), 16)
-    wrap_triton(_count_kernel)[(images, triton.cdiv(height * width, block_p))](
-        boxes,
-        count,
-        k,
-        height,
-        width,
-        BLOCK_P=block_p,
-        BLOCK_BOXES=block_boxes,
-        num_warps=num_warps_for(block_p * block_boxes),
-    )
+    with on_device(heat):
+        wrap_triton(_candidates_kernel)[plan["candidates_grid"]](
+            heat,
+            candidate_values,
+            candidate_index,
+            k,
+            channels,
+            height,
+            width,
+            *heat.stride(),
+            min(radius, height - 1),
+            min(radius, width - 1),
+            chunks,
+            ACC_TYPE=acc_type,
+            BLOCK=plan["chunk"],
+            num_warps=num_warps_for(plan["chunk"]),
+        )
+        wrap_triton(_decode_kernel)[plan["decode_grid"]](
+            candidate_values,
+            candidate_index,
+            wh,
+            offset,
+            boxes,
+            scores,
+            k,
+            chunks * k,
+            height,
+            width,
+            *wh.stride(),
+            *offset.stride(),
+            ACC_TYPE=acc_type,
+            BLOCK=plan["candidate_block"],
+            num_warps=num_warps_for(plan["candidate_block"]),
+        )
+        wrap_triton(_count_kernel)[plan["count_grid"]](
+            boxes,
+            count,
+            k,
+            height,
+            width,
+            plan["position_blocks"],
+            BLOCK_P=plan["block_p"],
+            BLOCK_BOXES=plan["block_boxes"],
+            num_warps=num_warps_for(plan["block_p"] * plan["block_boxes"]),
+        )
     return count, boxes, scores
 
 

@@ -6,8 +6,10 @@ tile whose contiguous side follows the memory layout. A row that fits one tile i
 its gradient T * w * (softmax(s/T) - softmax(t/T)) written from registers. Longer rows (K up to
 128k) take two passes over their chunks: online softmax statistics, then the gradient.
 
-Per-program partial sums are added by torch in a fixed order (deterministic). The gradient is
-saved unscaled; backward multiplies it by grad_output / (rows or the weight sum).
+Per-program partial sums are added by torch in a fixed order (deterministic). The normalising
+scale 1 / (rows or the weight sum) is computed on the device before the launch and read by the
+kernel, which saves the gradient already scaled (in float32 for half inputs); backward only
+multiplies it by grad_output and rounds once.
 
 The temperature travels as a float32 kernel argument; float64 inputs otherwise compute in
 float64.
@@ -22,14 +24,17 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import (
     accumulator_type,
+    apply_saved_gradient,
     differentiable_once,
     from_image_rows,
     image_rows,
     loss_dtype,
     num_warps_for,
+    on_device,
     per_row,
+    reciprocal_or_zero,
     row_tile,
-    unscaled_gradient_like,
+    saved_gradient_like,
 )
 from ._online_softmax import log_sum_exp, merge_chunk
 
@@ -37,8 +42,11 @@ from ._online_softmax import log_sum_exp, merge_chunk
 @triton.jit
 def _load_scaled(rows_ptr, classes_index, stride_k, valid, row_ok, temperature, ACC_TYPE):
     """A (rows x classes) tile divided by T, with -inf outside the row."""
+    # 64-bit: the classes of a dense map lie H*W apart, and K*H*W may pass 2^31.
     values = tl.load(
-        rows_ptr + classes_index[None, :] * stride_k, mask=row_ok[:, None] & valid, other=0
+        rows_ptr + classes_index.to(tl.int64)[None, :] * stride_k,
+        mask=row_ok[:, None] & valid,
+        other=0,
     )
     return tl.where(valid, values.to(ACC_TYPE) / temperature, float("-inf"))
 
@@ -48,6 +56,7 @@ def _kd_kernel(
     student_ptr,
     teacher_ptr,
     weight_ptr,
+    scale_ptr,
     grad_ptr,
     partial_ptr,
     classes,
@@ -78,7 +87,8 @@ def _kd_kernel(
     row_ok = row < rows
     chunk = tl.arange(0, BLOCK_K)
     # 64-bit row offsets: N x K logits with a large vocabulary pass 2^31 elements.
-    row_offset = row.to(tl.int64)[:, None]
+    row64 = row.to(tl.int64)
+    row_offset = row64[:, None]
     student_rows = student_ptr + image * student_stride_n + row_offset * student_stride_r
     teacher_rows = teacher_ptr + image * teacher_stride_n + row_offset * teacher_stride_r
 
@@ -120,23 +130,22 @@ def _kd_kernel(
 
     if HAS_WEIGHT:
         weight = tl.load(
-            weight_ptr + image * weight_stride_n + row * weight_stride_r, mask=row_ok, other=0
+            weight_ptr + image * weight_stride_n + row64 * weight_stride_r,
+            mask=row_ok,
+            other=0,
         ).to(ACC_TYPE)
     else:
         weight = tl.where(row_ok, 1.0, 0.0).to(ACC_TYPE)
     row_loss = tl.where(row_ok, kl * weight, 0.0) * (temperature * temperature)
-    program = tl.program_id(0)
-    tl.store(partial_ptr + program, tl.sum(row_loss, axis=0))
-    if HAS_WEIGHT:
-        tl.store(partial_ptr + tl.num_programs(0) + program, tl.sum(weight, axis=0))
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(row_loss, axis=0))
 
     if COMPUTE_GRAD:
-        factor = (weight * temperature)[:, None]
+        factor = (weight * (temperature * tl.load(scale_ptr).to(ACC_TYPE)))[:, None]
         grad_rows = grad_ptr + image * grad_stride_n + row_offset * grad_stride_r
         if SINGLE_CHUNK:
             grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
             tl.store(
-                grad_rows + chunk[None, :] * grad_stride_k,
+                grad_rows + chunk.to(tl.int64)[None, :] * grad_stride_k,
                 grad.to(grad_ptr.dtype.element_ty),
                 mask=row_ok[:, None] & valid,
             )
@@ -152,7 +161,7 @@ def _kd_kernel(
                 )
                 grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
                 tl.store(
-                    grad_rows + index[None, :] * grad_stride_k,
+                    grad_rows + index.to(tl.int64)[None, :] * grad_stride_k,
                     grad.to(grad_ptr.dtype.element_ty),
                     mask=row_ok[:, None] & valid,
                 )
@@ -166,48 +175,48 @@ def _kd_loss_op(
     weight: torch.Tensor | None,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, unscaled student gradient, the scale that normalises it) for temperature KD."""
+    """(loss, scaled student gradient (float32 for half inputs), the normalising scale)."""
     student_rows = image_rows(student)
     teacher_rows = image_rows(teacher)
     images, classes, rows = student_rows.shape
     weight_rows = per_row(weight, student.dim()) if weight is not None else None
-    grad_rows = unscaled_gradient_like(student_rows, compute_grad)
+    grad_rows = saved_gradient_like(student_rows, compute_grad)
 
     block_r, block_k = row_tile(classes, rows)
     row_blocks = triton.cdiv(rows, block_r)
     programs = images * row_blocks
     acc_dtype = loss_dtype(student.dtype)
-    partials = student.new_empty(programs * (2 if weight is not None else 1), dtype=acc_dtype)
-    wrap_triton(_kd_kernel)[(programs,)](
-        student_rows,
-        teacher_rows,
-        weight_rows,
-        grad_rows,
-        partials,
-        classes,
-        rows,
-        row_blocks,
-        *student_rows.stride(),
-        *teacher_rows.stride(),
-        *(weight_rows.stride() if weight is not None else (0, 0)),
-        *(grad_rows.stride() if compute_grad else (0, 0, 0)),
-        temperature,
-        HAS_WEIGHT=weight is not None,
-        COMPUTE_GRAD=compute_grad,
-        ACC_TYPE=accumulator_type(student.dtype),
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        SINGLE_CHUNK=classes <= block_k,
-        num_warps=num_warps_for(block_r * block_k),
-    )
     if weight is not None:
-        weight_total = partials[programs:].sum()
-        nonzero = weight_total != 0
-        scale = torch.where(nonzero, 1 / torch.where(nonzero, weight_total, 1), 0)
+        scale = reciprocal_or_zero(weight.sum(dtype=acc_dtype))
     else:
         scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student.device)
+    partials = student.new_empty(programs, dtype=acc_dtype)
+    with on_device(student):
+        wrap_triton(_kd_kernel)[(programs,)](
+            student_rows,
+            teacher_rows,
+            weight_rows,
+            scale,
+            grad_rows,
+            partials,
+            classes,
+            rows,
+            row_blocks,
+            *student_rows.stride(),
+            *teacher_rows.stride(),
+            *(weight_rows.stride() if weight is not None else (0, 0)),
+            *(grad_rows.stride() if compute_grad else (0, 0, 0)),
+            temperature,
+            HAS_WEIGHT=weight is not None,
+            COMPUTE_GRAD=compute_grad,
+            ACC_TYPE=accumulator_type(student.dtype),
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            SINGLE_CHUNK=classes <= block_k,
+            num_warps=num_warps_for(block_r * block_k),
+        )
     grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows
-    return partials[:programs].sum() * scale, grad, scale
+    return partials.sum() * scale, grad, scale
 
 
 @_kd_loss_op.register_fake
@@ -215,20 +224,21 @@ def _(student, teacher, temperature, weight, compute_grad):
     # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
     # is also what keeps torch.compile working under the Triton interpreter.
     acc_dtype = loss_dtype(student.dtype)
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    grad = saved_gradient_like(student, compute_grad)
     return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    _, unscaled_grad, scale = output
-    ctx.mark_non_differentiable(unscaled_grad, scale)
-    ctx.save_for_backward(unscaled_grad, scale)
+    _, saved_grad, scale = output
+    ctx.mark_non_differentiable(saved_grad, scale)
+    ctx.save_for_backward(saved_grad)
+    ctx.grad_dtype = inputs[0].dtype
 
 
 @differentiable_once("sokd_triton::kd_loss")
-def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
-    unscaled_grad, scale = ctx.saved_tensors
-    return unscaled_grad * (grad_loss * scale), None, None, None, None
+def _backward(ctx, grad_loss, _grad_saved, _grad_scale):
+    (saved_grad,) = ctx.saved_tensors
+    return apply_saved_gradient(saved_grad, grad_loss, ctx.grad_dtype), None, None, None, None
 
 
 _kd_loss_op.register_autograd(_backward, setup_context=_setup_context)

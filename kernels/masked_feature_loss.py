@@ -1,10 +1,11 @@
 """Fused masked feature loss: sum(mask^2 * (s - t)^2) / Z and its gradient in one read.
 
 Each program owns a block of spatial positions of one image and a group of channels. It reads
-the mask block once, walks its channels, writes the gradient 2 * mask^2 * (s - t) and one
+the mask block once, walks its channels, writes the gradient 2 * mask^2 * (s - t) / Z and one
 partial sum. The partials are added by torch in a fixed order, so the loss is deterministic.
-The gradient is saved unscaled; backward multiplies it by grad_output / Z, the one pass over
-it that autograd needs anyway.
+1 / Z comes from the mask (C * sum(mask^2)) or the size before the launch, on the device. The
+gradient is saved scaled, in float32 for half inputs: 2 m^2 (s - t) alone overflows float16
+long before the gradient does. Backward multiplies it by grad_output and rounds it once.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from torch.library import triton_op, wrap_triton
 from ._common import (
     TARGET_PROGRAMS,
     accumulator_type,
+    apply_saved_gradient,
     differentiable_once,
     loss_dtype,
     num_warps_for,
-    unscaled_gradient_like,
+    on_device,
+    reciprocal_or_zero,
+    saved_gradient_like,
 )
 
 
@@ -29,6 +33,7 @@ def _masked_feature_loss_kernel(
     student_ptr,
     teacher_ptr,
     mask_ptr,
+    scale_ptr,
     grad_ptr,
     partial_ptr,
     channels,
@@ -58,55 +63,47 @@ def _masked_feature_loss_kernel(
     position = (block % position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_map = position < positions
 
+    # 64-bit address math: C * H * W of one image may pass 2^31, and so may a position times
+    # its stride in a channels-last map.
+    position64 = position.to(tl.int64)
     if HAS_MASK:
         weight = tl.load(
-            mask_ptr + image * mask_stride_n + position * mask_stride_p, mask=in_map, other=0
+            mask_ptr + image * mask_stride_n + position64 * mask_stride_p, mask=in_map, other=0
         ).to(ACC_TYPE)
         weight_sq = weight * weight
     else:
         weight_sq = tl.where(in_map, 1.0, 0.0).to(ACC_TYPE)
+
+    # The address math that does not change along the channels, hoisted out of the loop.
+    student_at = student_ptr + image * student_stride_n + position64[None, :] * student_stride_p
+    teacher_at = teacher_ptr + image * teacher_stride_n + position64[None, :] * teacher_stride_p
+    grad_at = grad_ptr + image * grad_stride_n + position64[None, :] * grad_stride_p
+    if COMPUTE_GRAD:
+        grad_weight = (2 * tl.load(scale_ptr).to(ACC_TYPE)) * weight_sq[None, :]
 
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC_TYPE)
     first_channel = group * channels_per_group
     for start in range(0, channels_per_group, BLOCK_C):
         channel = first_channel + start + tl.arange(0, BLOCK_C)
         inside = (channel < channels)[:, None] & in_map[None, :]
+        channel64 = channel.to(tl.int64)[:, None]
         student = tl.load(
-            student_ptr
-            + image * student_stride_n
-            + channel[:, None] * student_stride_c
-            + position[None, :] * student_stride_p,
-            mask=inside,
-            other=0,
+            student_at + channel64 * student_stride_c, mask=inside, other=0
         ).to(ACC_TYPE)
         teacher = tl.load(
-            teacher_ptr
-            + image * teacher_stride_n
-            + channel[:, None] * teacher_stride_c
-            + position[None, :] * teacher_stride_p,
-            mask=inside,
-            other=0,
+            teacher_at + channel64 * teacher_stride_c, mask=inside, other=0
         ).to(ACC_TYPE)
         difference = student - teacher
-        weighted = weight_sq[None, :] * difference
-        total += weighted * difference
+        total += weight_sq[None, :] * difference * difference
         if COMPUTE_GRAD:
             tl.store(
-                grad_ptr
-                + image * grad_stride_n
-                + channel[:, None] * grad_stride_c
-                + position[None, :] * grad_stride_p,
-                (2 * weighted).to(grad_ptr.dtype.element_ty),
+                grad_at + channel64 * grad_stride_c,
+                (grad_weight * difference).to(grad_ptr.dtype.element_ty),
                 mask=inside,
             )
 
     program = block * tl.num_programs(1) + group
     tl.store(partial_ptr + program, tl.sum(tl.sum(total, axis=1), axis=0))
-    if HAS_MASK:
-        # Only the first channel group counts the mask, so that sum(mask^2) is counted once.
-        mask_total = tl.sum(weight_sq, axis=0)
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        tl.store(partial_ptr + programs + program, tl.where(group == 0, mask_total, 0.0))
 
 
 def _launch_shape(images, channels, positions):
@@ -129,13 +126,13 @@ def _masked_feature_loss_op(
     normalize: str,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, unscaled gradient for the student, 1 / Z) for the masked feature loss."""
+    """(loss, scaled gradient for the student (float32 for half inputs), 1 / Z)."""
     images, channels = student.shape[:2]
     student_3d = student.reshape(images, channels, -1)
     teacher_3d = teacher.reshape(images, channels, -1)
     positions = student_3d.shape[2]
     mask_2d = mask.reshape(images, positions) if mask is not None else None
-    grad_3d = unscaled_gradient_like(student_3d, compute_grad)
+    grad_3d = saved_gradient_like(student_3d, compute_grad)
     grad_strides = grad_3d.stride() if compute_grad else (0, 0, 0)
     mask_strides = mask_2d.stride() if mask is not None else (0, 0)
 
@@ -143,37 +140,36 @@ def _masked_feature_loss_op(
     position_blocks = triton.cdiv(positions, block_p)
     programs = images * position_blocks * groups
     acc_dtype = loss_dtype(student.dtype)
-    partials = student.new_empty(2 * programs if mask is not None else programs, dtype=acc_dtype)
-    wrap_triton(_masked_feature_loss_kernel)[(images * position_blocks, groups)](
-        student_3d,
-        teacher_3d,
-        mask_2d,
-        grad_3d,
-        partials,
-        channels,
-        positions,
-        position_blocks,
-        channels_per_group,
-        *student_3d.stride(),
-        *teacher_3d.stride(),
-        *mask_strides,
-        *grad_strides,
-        HAS_MASK=mask is not None,
-        COMPUTE_GRAD=compute_grad,
-        ACC_TYPE=accumulator_type(student.dtype),
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=num_warps_for(block_c * block_p),
-    )
-    squared_total = partials[:programs].sum()
     if mask is not None and normalize == "mask":
-        normaliser = channels * partials[programs:].sum()
-        safe = torch.where(normaliser != 0, normaliser, 1)
-        scale = torch.where(normaliser != 0, 1 / safe, 0)
+        scale = reciprocal_or_zero(channels * mask.to(acc_dtype).square().sum())
     else:
         scale = torch.full((), 1.0 / student.numel(), dtype=acc_dtype, device=student.device)
+    partials = student.new_empty(programs, dtype=acc_dtype)
+    with on_device(student):
+        wrap_triton(_masked_feature_loss_kernel)[(images * position_blocks, groups)](
+            student_3d,
+            teacher_3d,
+            mask_2d,
+            scale,
+            grad_3d,
+            partials,
+            channels,
+            positions,
+            position_blocks,
+            channels_per_group,
+            *student_3d.stride(),
+            *teacher_3d.stride(),
+            *mask_strides,
+            *grad_strides,
+            HAS_MASK=mask is not None,
+            COMPUTE_GRAD=compute_grad,
+            ACC_TYPE=accumulator_type(student.dtype),
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+            num_warps=num_warps_for(block_c * block_p),
+        )
     grad = grad_3d.view(student.shape) if compute_grad else grad_3d
-    return squared_total * scale, grad, scale
+    return partials.sum() * scale, grad, scale
 
 
 @_masked_feature_loss_op.register_fake
@@ -181,22 +177,26 @@ def _(student, teacher, mask, normalize, compute_grad):
     # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
     # is also what keeps torch.compile working under the Triton interpreter.
     acc_dtype = loss_dtype(student.dtype)
-    grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
+    grad = saved_gradient_like(student, compute_grad)
     return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    _, unscaled_grad, scale = output
-    ctx.mark_non_differentiable(unscaled_grad, scale)
-    ctx.save_for_backward(unscaled_grad, scale)
+    _, saved_grad, scale = output
+    ctx.mark_non_differentiable(saved_grad, scale)
+    ctx.save_for_backward(saved_grad)
+    ctx.grad_dtypes = (inputs[0].dtype, inputs[1].dtype)
 
 
 @differentiable_once("sokd_triton::masked_feature_loss")
-def _backward(ctx, grad_loss, _grad_unscaled, _grad_scale):
-    unscaled_grad, scale = ctx.saved_tensors
-    step = grad_loss * scale
-    grad_student = unscaled_grad * step if ctx.needs_input_grad[0] else None
-    grad_teacher = unscaled_grad * -step if ctx.needs_input_grad[1] else None
+def _backward(ctx, grad_loss, _grad_saved, _grad_scale):
+    (saved_grad,) = ctx.saved_tensors
+    student_dtype, teacher_dtype = ctx.grad_dtypes
+    grad_student = grad_teacher = None
+    if ctx.needs_input_grad[0]:
+        grad_student = apply_saved_gradient(saved_grad, grad_loss, student_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_teacher = apply_saved_gradient(saved_grad, -grad_loss, teacher_dtype)
     return grad_student, grad_teacher, None, None, None
 
 
