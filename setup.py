@@ -15,6 +15,9 @@ from setuptools import setup
 
 PACKAGES = ["sokd", "sokd.reference", "sokd.kernels"]
 PACKAGE_DIR = {"sokd.kernels": "kernels"}
+# Without a GPU to detect at build time: the data-centre GPUs we target, plus PTX of the newest
+# so that later architectures can JIT-compile the kernels instead of failing to launch them.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _cuda_wanted(torch_cuda_version, cuda_home):
@@ -109,8 +112,7 @@ def _extensions():
             include_dirs += extra_includes
             library_dirs += extra_libs
             if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-                # No GPU to detect at build time: compile for the data-centre GPUs we target.
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
 
     extension = extension_type(
         name="sokd._C",

@@ -10,6 +10,7 @@ tiles, and at least a few thousand programs in flight when the shape allows it.
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
@@ -57,6 +58,32 @@ def image_rows(tensor):
         return tensor.t().unsqueeze(0)
     n, k = tensor.shape[:2]
     return tensor.reshape(n, k, -1)
+
+
+def launch_strides(view):
+    """The strides of `view` for a kernel, 0 for every dimension of size 1.
+
+    Only index 0 of such a dimension is ever read, so its stride is free; 0 lets Triton's
+    specialisation see it as divisible by 16, which the vector-load analysis needs."""
+    return tuple(0 if size == 1 else stride for size, stride in zip(view.shape, view.stride()))
+
+
+def row_alignment(classes, *views):
+    """The largest power of two, at most 16, that divides the row length `classes`, the row
+    stride (the last dimension of `image_rows` views) and the storage offset of every view,
+    in elements.
+
+    Triton proves alignment and uniform masks only for values divisible by 16, so N x K
+    logits with K = 1000 would be read one element at a time. The kernels hint this value
+    instead: K = 1000 is still read 16 bytes at a time, and an odd K falls back to scalars."""
+    common = classes
+    for view in views:
+        if view.numel():  # an empty placeholder (no gradient wanted) is never read
+            common = math.gcd(common, launch_strides(view)[-1], view.storage_offset())
+    alignment = 16
+    while alignment > 1 and common % alignment:
+        alignment //= 2
+    return alignment
 
 
 def per_row(weight, logits_dim):

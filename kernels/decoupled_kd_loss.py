@@ -26,8 +26,10 @@ from ._common import (
     differentiable_once,
     from_image_rows,
     image_rows,
+    launch_strides,
     loss_dtype,
     on_device,
+    row_alignment,
     row_tile,
     saved_gradient_like,
 )
@@ -186,7 +188,17 @@ def _decoupled_kd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    if ROW_ALIGN > 1:
+        # Row starts and the row length are multiples of ROW_ALIGN (see row_alignment). Said
+        # as arithmetic that the compiler's alignment analysis follows (exact for such
+        # values), the loads along a row become 16 bytes wide with uniform masks whatever K is.
+        classes = classes // ROW_ALIGN * ROW_ALIGN
+        student_stride_r = student_stride_r // ROW_ALIGN * ROW_ALIGN
+        teacher_stride_r = teacher_stride_r // ROW_ALIGN * ROW_ALIGN
+        mask_stride_r = mask_stride_r // ROW_ALIGN * ROW_ALIGN
+        grad_stride_r = grad_stride_r // ROW_ALIGN * ROW_ALIGN
     block = tl.program_id(0)
     image = (block // row_blocks).to(tl.int64)
     row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -415,10 +427,10 @@ def _decoupled_kd_loss_op(
             classes,
             rows,
             row_blocks,
-            *student_rows.stride(),
-            *teacher_rows.stride(),
-            *mask_rows.stride(),
-            *(grad_rows.stride() if compute_grad else (0, 0, 0)),
+            *launch_strides(student_rows),
+            *launch_strides(teacher_rows),
+            *launch_strides(mask_rows),
+            *(launch_strides(grad_rows) if compute_grad else (0, 0, 0)),
             temperature,
             alpha,
             beta,
@@ -427,6 +439,7 @@ def _decoupled_kd_loss_op(
             BLOCK_R=block_r,
             BLOCK_K=block_k,
             SINGLE_CHUNK=classes <= block_k,
+            ROW_ALIGN=row_alignment(classes, student_rows, teacher_rows, mask_rows, grad_rows),
             num_warps=_num_warps(block_r * block_k),
         )
     grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows

@@ -28,11 +28,13 @@ from ._common import (
     differentiable_once,
     from_image_rows,
     image_rows,
+    launch_strides,
     loss_dtype,
     num_warps_for,
     on_device,
     per_row,
     reciprocal_or_zero,
+    row_alignment,
     row_tile,
     saved_gradient_like,
 )
@@ -80,7 +82,16 @@ def _kd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    if ROW_ALIGN > 1:
+        # Row starts and the row length are multiples of ROW_ALIGN (see row_alignment). Said
+        # as arithmetic that the compiler's alignment analysis follows (exact for such
+        # values), the loads along a row become 16 bytes wide with uniform masks whatever K is.
+        classes = classes // ROW_ALIGN * ROW_ALIGN
+        student_stride_r = student_stride_r // ROW_ALIGN * ROW_ALIGN
+        teacher_stride_r = teacher_stride_r // ROW_ALIGN * ROW_ALIGN
+        grad_stride_r = grad_stride_r // ROW_ALIGN * ROW_ALIGN
     block = tl.program_id(0)
     image = (block // row_blocks).to(tl.int64)
     row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -202,10 +213,10 @@ def _kd_loss_op(
             classes,
             rows,
             row_blocks,
-            *student_rows.stride(),
-            *teacher_rows.stride(),
-            *(weight_rows.stride() if weight is not None else (0, 0)),
-            *(grad_rows.stride() if compute_grad else (0, 0, 0)),
+            *launch_strides(student_rows),
+            *launch_strides(teacher_rows),
+            *(launch_strides(weight_rows) if weight is not None else (0, 0)),
+            *(launch_strides(grad_rows) if compute_grad else (0, 0, 0)),
             temperature,
             HAS_WEIGHT=weight is not None,
             COMPUTE_GRAD=compute_grad,
@@ -213,6 +224,7 @@ def _kd_loss_op(
             BLOCK_R=block_r,
             BLOCK_K=block_k,
             SINGLE_CHUNK=classes <= block_k,
+            ROW_ALIGN=row_alignment(classes, student_rows, teacher_rows, grad_rows),
             num_warps=num_warps_for(block_r * block_k),
         )
     grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows

@@ -107,7 +107,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
 
     kernel = launch.kernel
     names = kernel.arg_names
-    options = {key: launch.kwargs[key] for key in ("num_warps", "num_stages") if key in launch.kwargs}
+    options = {
+        key: launch.kwargs[key] for key in ("num_warps", "num_stages") if key in launch.kwargs
+    }
     values = dict(zip(names, launch.args))
     values.update({key: value for key, value in launch.kwargs.items() if key not in options})
     signature, constexprs, attrs = {}, {}, {}
