@@ -8,7 +8,7 @@ Triton's JIT would specialise it, giving its TTIR, PTX and ptxas's resource repo
 This must run with TRITON_INTERPRET unset: under the interpreter `triton.jit` gives
 interpreted functions, which do not compile. The tests therefore call it in a subprocess:
 
-    python tests/triton_compile.py             # compile every kernel once, report spills
+    python tests/triton_compile.py   # compile every kernel once; exit 1 on spills or 32-bit offsets
 """
 
 from __future__ import annotations
@@ -209,15 +209,16 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels do not compile", file=sys.stderr)
         return 2
-    launches = op_launches(representative_ops())
-    for launch in launches:
+    problems = 0
+    for launch in op_launches(representative_ops()):
         compiled = compile_launch(launch)
         narrow = narrow_tensor_offsets(compiled.ttir)
         print(
             f"{compiled.name}: {compiled.registers} registers, {compiled.spill_bytes} bytes "
             f"spilled, {len(narrow)} 32-bit tensor offsets"
         )
-    return 0
+        problems += compiled.spill_bytes > 0 or bool(narrow)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
