@@ -325,7 +325,9 @@ def worker_parity(device_name="cuda", tiny=False):
         print(f"device {torch.cuda.get_device_name()}; backends {backends}")
     else:
         backends = [name for name in ("cpu", "triton") if name in sokd.available_backends()]
-    presets = PRESETS
+    # Beside the presets: few long rows, which the CUDA kernels give a block each (one with
+    # 16-byte loads, one with an odd K that cannot have them).
+    presets = {**PRESETS, "long-rows": Shape(n=8, k=32768), "long-odd-rows": Shape(n=8, k=50257)}
     if tiny:
         presets = {"tiny": Shape(n=3, c=4, h=5, w=6, k=7),
                    "tiny-dense": Shape(n=2, c=3, h=4, w=5, k=6, dense=True)}
