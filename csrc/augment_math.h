@@ -107,8 +107,10 @@ C10_HOST_DEVICE inline double normal_at(uint64_t seed, uint64_t index) {
   return ::sqrt(-2.0 * ::log(u1)) * ::cos(2.0 * M_PI * u2);
 }
 
+// 32-bit coordinates (prepare_augment checks that C, H and W fit): the kernels keep up to
+// three arrays of kMaxSamplePoints of these per element, in the CUDA stack frame.
 struct SamplePoint {
-  int64_t channel, y, x;
+  int32_t channel, y, x;
 };
 
 // Where an affine op's output pixel (y, x) reads its input, in input pixel coordinates:
@@ -170,7 +172,8 @@ C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int
   SamplePoint points[kMaxSamplePoints];
   T weights[kMaxSamplePoints];
   int count = 1;
-  points[0] = SamplePoint{c, y, x};
+  points[0] = SamplePoint{static_cast<int32_t>(c), static_cast<int32_t>(y),
+                          static_cast<int32_t>(x)};
   weights[0] = T(1);
   T noise_sum = T(0);
   const int64_t height = plan.height, width = plan.width, channels = plan.channels;
@@ -192,7 +195,8 @@ C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int
         const int64_t channel = source[p].channel;
         const T weight = source_weights[p];
         bilinear_corners(ix, iy, height, width, [&](int64_t yy, int64_t xx, T corner_weight) {
-          points[count] = SamplePoint{channel, yy, xx};
+          points[count] = SamplePoint{static_cast<int32_t>(channel), static_cast<int32_t>(yy),
+                                      static_cast<int32_t>(xx)};
           weights[count] = weight * corner_weight;
           ++count;
         });
@@ -217,7 +221,8 @@ C10_HOST_DEVICE inline T augmented_value(const AugmentPlan& plan, int64_t n, int
       }
     } else if (op.kind == kChannelShuffle) {
       for (int p = 0; p < count; ++p) {
-        points[p].channel = op.permutation[n * channels + points[p].channel];
+        points[p].channel =
+            static_cast<int32_t>(op.permutation[n * channels + points[p].channel]);
       }
     } else if (op.kind == kChannelDrop) {
       int kept = 0;

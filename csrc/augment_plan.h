@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <climits>
+#include <string>
 #include <vector>
 
 #include "augment_math.h"
@@ -34,6 +36,8 @@ inline PreparedAugment prepare_augment(const at::Tensor& x, at::IntArrayRef op_i
               "draws and noise_seeds must have one entry per op (", num_ops, "), got ",
               draws.size(), " and ", noise_seeds.size());
   const int64_t n = x.size(0), channels = x.size(1);
+  TORCH_CHECK(channels <= INT32_MAX && x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX,
+              "x must have fewer than 2^31 channels, rows and columns, got shape ", x.sizes());
 
   PreparedAugment prepared{};
   AugmentPlan& plan = prepared.plan;
@@ -41,8 +45,10 @@ inline PreparedAugment prepare_augment(const at::Tensor& x, at::IntArrayRef op_i
   plan.channels = channels;
   plan.height = x.size(2);
   plan.width = x.size(3);
-  const at::Tensor host_values = values.to(at::kCPU, at::kFloat).contiguous();
-  const float* value_data = host_values.data_ptr<float>();
+  // The CUDA kernel reads the values on the device: a host copy would wait for the GPU.
+  const bool on_cpu = device == c10::DeviceType::CPU;
+  const at::Tensor host_values = on_cpu ? values.to(at::kFloat).contiguous() : at::Tensor();
+  const float* value_data = on_cpu ? host_values.data_ptr<float>() : nullptr;
 
   auto draw_for = [&](int64_t i, at::ScalarType dtype, std::vector<int64_t> shape,
                       const char* what) {
@@ -65,7 +71,7 @@ inline PreparedAugment prepare_augment(const at::Tensor& x, at::IntArrayRef op_i
                 kNumAugmentKinds - 1, "], got ", kind);
     AugmentOp& op = plan.ops[i];
     op.kind = static_cast<int>(kind);
-    op.value = value_data[i];
+    op.value = on_cpu ? value_data[i] : 0.f;
     affine_theta(op.kind, op.value, op.theta);
     if (is_affine(op.kind)) {
       ++affine_ops;
@@ -74,9 +80,15 @@ inline PreparedAugment prepare_augment(const at::Tensor& x, at::IntArrayRef op_i
       op.centres = centres.data_ptr<int64_t>();
     } else if (kind == kChannelShuffle) {
       at::Tensor permutation = draw_for(i, at::kLong, {n, channels}, "channel permutation");
-      TORCH_CHECK(permutation.min().item<int64_t>() >= 0 &&
-                      permutation.max().item<int64_t>() < channels,
-                  "channel permutation entries must be in [0, ", channels - 1, "]");
+      const std::string range =
+          "channel permutation entries must be in [0, " + std::to_string(channels - 1) + "]";
+      if (on_cpu) {
+        TORCH_CHECK(permutation.min().item<int64_t>() >= 0 &&
+                        permutation.max().item<int64_t>() < channels,
+                    range);
+      } else {  // checked on the device, without waiting for it
+        at::_assert_async(((permutation >= 0) & (permutation < channels)).all(), range);
+      }
       op.permutation = permutation.data_ptr<int64_t>();
     } else if (kind == kChannelDrop) {
       op.uniforms = draw_for(i, at::kFloat, {n, channels}, "channel-drop uniforms")
