@@ -21,7 +21,8 @@ BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map", "feature_augment")
 
 # For CUDA tensors under "auto": the first available backend in each op's list wins. The order
-# follows the GPU benchmark table in benchmarks/results/.
+# is unmeasured: no GPU has yet timed the CUDA kernels against the Triton ones (the benchmark
+# stage of benchmarks/validate_gpu.py does), so it is a default, not a finding.
 AUTO_CUDA_PREFERENCE = {op: ("triton", "cuda") for op in OPS}
 
 _MODULES = {
