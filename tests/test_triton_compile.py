@@ -59,7 +59,9 @@ def _loss_cases():
                     "student_ptr": f"*{element}",
                     "teacher_ptr": f"*{element}",
                     "mask_ptr": f"*{element}",
-                    "grad_ptr": f"*{element}",
+                    "scale_ptr": partial,
+                    # Half-precision gradients are saved in float32 (rounded once later).
+                    "grad_ptr": partial,
                     "partial_ptr": partial,
                 },
                 {
@@ -78,7 +80,8 @@ def _loss_cases():
                     "student_ptr": f"*{element}",
                     "teacher_ptr": f"*{element}",
                     "weight_ptr": f"*{element}",
-                    "grad_ptr": f"*{element}",
+                    "scale_ptr": partial,
+                    "grad_ptr": partial,
                     "partial_ptr": partial,
                     "temperature": "fp32",
                 },
@@ -89,6 +92,7 @@ def _loss_cases():
                     "BLOCK_R": 4,
                     "BLOCK_K": 1024,
                     "SINGLE_CHUNK": single_chunk,
+                    "ROW_ALIGN": 8 if single_chunk else 1,
                 },
             )
             yield (
@@ -97,7 +101,8 @@ def _loss_cases():
                     "student_ptr": f"*{element}",
                     "teacher_ptr": f"*{element}",
                     "mask_ptr": "*i1",
-                    "grad_ptr": f"*{element}",
+                    "scale_ptr": partial,
+                    "grad_ptr": partial,
                     "partial_ptr": partial,
                     "temperature": "fp32",
                     "alpha": "fp32",
@@ -109,6 +114,7 @@ def _loss_cases():
                     "BLOCK_R": 4,
                     "BLOCK_K": 1024,
                     "SINGLE_CHUNK": single_chunk,
+                    "ROW_ALIGN": 8 if single_chunk else 1,
                 },
             )
     yield (
@@ -116,6 +122,7 @@ def _loss_cases():
         {
             "student_ptr": "*fp32",
             "teacher_ptr": "*fp32",
+            "scale_ptr": "*fp32",
             "partial_ptr": "*fp32",
             "temperature": "fp32",
         },
@@ -128,6 +135,7 @@ def _loss_cases():
             "BLOCK_R": 64,
             "BLOCK_K": 32,
             "SINGLE_CHUNK": True,
+            "ROW_ALIGN": 1,
         },
     )
 
@@ -145,7 +153,7 @@ def _interest_map_cases():
                 "value_ptr": values,
                 "index_ptr": "*i64",
             },
-            {"KERNEL": 3, "ACC_TYPE": acc, "BLOCK": 1024},
+            {"ACC_TYPE": acc, "BLOCK": 1024},
         )
         yield (
             _decode_kernel,
