@@ -180,8 +180,9 @@ def test_half_precision_gradients_are_rounded_once(case, dtype):
     (exact,) = _gradient("reference", lambda s: loss(s, teacher.double()), [student.double()], 0.3)
     assert grad.dtype == dtype
     error = (grad.double() - exact).abs()
-    # Float32 arithmetic adds about 1e-7 of the largest entry where terms cancel.
-    allowed = _half_spacing(exact, dtype) + 1e-7 * exact.abs().max()
+    # Float32 arithmetic (and a GPU's fast exp) adds a little of the largest entry where
+    # terms cancel, which can tip an entry near a midpoint to its other neighbour.
+    allowed = _half_spacing(exact, dtype) + 1e-6 * exact.abs().max()
     worst = (error / allowed).max().item()
     assert worst <= 1, f"{case} {dtype}: error up to {worst:.3g} times one rounding's"
 
