@@ -214,12 +214,12 @@ def stage_tests(args, timeout):
 
 STAGES = (
     Stage("build", 150, True, stage_build, "sokd._C built with nvcc for the device's arch"),
-    Stage("parity", 90, True, stage_parity,
+    Stage("parity", 80, True, stage_parity,
           "every op x GPU backend x float32/bfloat16/float16 against the reference, fwd+bwd"),
-    Stage("sanitizer", 60, True, stage_sanitizer, "compute-sanitizer memcheck and racecheck"),
-    Stage("large", 40, True, stage_large, "one case beyond 2^31 elements per loss and backend"),
+    Stage("sanitizer", 50, True, stage_sanitizer, "compute-sanitizer memcheck and racecheck"),
+    Stage("large", 30, True, stage_large, "one case beyond 2^31 elements per loss and backend"),
     Stage("compile", 40, True, stage_compile, "torch.compile(fullgraph=True) of the native ops"),
-    Stage("benchmark", 110, True, stage_benchmark,
+    Stage("benchmark", 140, True, stage_benchmark,
           "benchmarks/run.py table with device and share of copy bandwidth"),
     Stage("tests", 50, True, stage_tests, "pytest -m gpu and the modules that run on CUDA"),
 )
