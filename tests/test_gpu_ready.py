@@ -190,8 +190,9 @@ def test_half_precision_gradients_are_rounded_once(case, dtype):
 # 4. 64-bit offsets, and what ptxas reports, from the kernels compiled for sm_90 ------------
 
 
-def _compile_report():
-    """Compile every Triton kernel for sm_90 in a subprocess without the interpreter."""
+def _compile_report(folder):
+    """Compile every Triton kernel for sm_90 in a subprocess without the interpreter, run in
+    `folder` so that it imports the installed sokd (with sokd.kernels), not the checkout's."""
     script = (
         "import json, torch, triton_compile as tc\n"
         "rows = []\n"
@@ -208,16 +209,21 @@ def _compile_report():
         [str(ROOT / "tests")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=folder,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def compile_report():
+def compile_report(tmp_path_factory):
     pytest.importorskip("triton")
-    return _compile_report()
+    return _compile_report(tmp_path_factory.mktemp("compile"))
 
 
 @pytest.mark.slow
