@@ -72,7 +72,9 @@ def snapshot(*modules):
 
 def expected_policy_gradient(student, teacher, criterion, sample, batch, eta, decay, radius):
     """SPEC section 3 step by step on deep copies, with plain backward passes. For P and omega
-    the control-variate terms of G+ and G- cancel, leaving (f+ - f-) * grad log p."""
+    the control-variate terms of G+ and G- cancel, leaving (f+ - f-) * grad log p, and
+    (f+ - f-) / 2R is taken in its limit, grad_w L_train . v; M takes the central
+    difference."""
     criterion.policy.sample = sample
 
     def weights(model, loss_module):
@@ -99,22 +101,22 @@ def expected_policy_gradient(student, teacher, criterion, sample, batch, eta, de
     val_loss, val_weights, _ = loss_at(unrolled, augment=False)
     direction = torch.autograd.grad(val_loss, val_weights, allow_unused=True)
     direction = [torch.zeros_like(w) if d is None else d for w, d in zip(start, direction)]
+    # (f+ - f-) / 2R in the limit: the directional derivative of L_train along v.
+    slope = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
+    score = torch.autograd.grad(
+        criterion.policy.log_prob(sample), (criterion.policy.probability, criterion.policy.logits)
+    )
     step = radius / torch.sqrt(sum(d.square().sum() for d in direction))
 
-    def probe(sign):
+    def magnitude_gradient(sign):
         values = [w + sign * step * d for w, d in zip(start, direction)]
         loss, _, policy = loss_at(values, augment=True)
-        (magnitude_grad,) = torch.autograd.grad(loss, policy.magnitude)
-        score = torch.autograd.grad(policy.log_prob(sample), (policy.probability, policy.logits))
-        return loss.detach(), magnitude_grad, score
+        return torch.autograd.grad(loss, policy.magnitude)[0]
 
-    f_plus, magnitude_plus, score = probe(+1)
-    f_minus, magnitude_minus, _ = probe(-1)
-    scale = -eta / (2 * step)
     return {
-        "probability": scale * (f_plus - f_minus) * score[0],
-        "logits": scale * (f_plus - f_minus) * score[1],
-        "magnitude": scale * (magnitude_plus - magnitude_minus),
+        "probability": -eta * slope * score[0],
+        "logits": -eta * slope * score[1],
+        "magnitude": -eta * (magnitude_gradient(+1) - magnitude_gradient(-1)) / (2 * step),
     }
 
 
