@@ -66,7 +66,7 @@ class Setting:
     rounds: int
 
 
-FULL = Setting(batch=64, widths=(32, 64, 128, 256), classes=100, warmup_rounds=1, rounds=9)
+FULL = Setting(batch=64, widths=(32, 64, 128, 256), classes=100, warmup_rounds=1, rounds=7)
 # Narrow networks and one round: checks that every mode runs, in seconds.
 QUICK = Setting(batch=2, widths=(4, 8, 8, 16), classes=10, warmup_rounds=0, rounds=1)
 

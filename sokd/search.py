@@ -12,8 +12,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _backend
 from . import _validation as check
 from .loss import SoKDLoss
+
+# The losses of SoKDLoss: their native kernels save a first derivative that is a constant to
+# autograd, so a second derivative through them would silently miss every term.
+_LOSS_OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss")
 
 # Keeps R = r / ||v|| finite when the validation gradient vanishes; the probes then coincide
 # and the policy gradient is zero.
@@ -31,12 +36,18 @@ class SearchStep(NamedTuple):
 
 class _Evaluation(nn.Module):
     """Holds the model and the criterion (references, not copies) so that functional_call can
-    swap the weights of both while the user's objective runs them."""
+    swap the weights of both while the user's objective runs them.
+
+    A criterion that lives inside the model (the DistributedDataParallel recipe) is reached
+    through the model only: functional_call cannot put back the weights of a module it reaches
+    by two paths (it records the already swapped tensor as the second path's original), and
+    the criterion would keep the last probe's weights."""
 
     def __init__(self, model, criterion):
         super().__init__()
         self.model = model
-        self.criterion = criterion
+        if not any(module is criterion for module in model.modules()):
+            self.criterion = criterion
 
     def forward(self, objective, batch, kwargs, augment):
         return objective(*batch, augment=augment, **kwargs)
@@ -230,6 +241,8 @@ class PolicySearch:
         the losses with grad_w L_train(w) (None where the loss does not reach a weight)."""
         eta, weights, magnitude = self.unroll_lr, self._weights, self.policy.magnitude
         exact = self.hypergradient == "exact"
+        if exact:
+            _require_twice_differentiable_losses(weights[0].device)
         # With no op of the sample active, M has no effect on the loss and no term to probe.
         probe_magnitude = bool(self.policy.active_ops()[0])
         cuda_devices = {p.device for p in weights if p.device.type == "cuda"}
@@ -296,16 +309,7 @@ class PolicySearch:
         )
         if not isinstance(product, torch.Tensor):
             return torch.zeros_like(magnitude)
-        try:
-            (grad,) = torch.autograd.grad(product, [magnitude], allow_unused=True)
-        except RuntimeError as error:
-            if "differentiable once" not in str(error):
-                raise
-            raise RuntimeError(
-                "hypergradient='exact' differentiates the training loss twice, and the loss "
-                "of the active backend is differentiable once; choose the reference backend "
-                "(sokd.set_backend('reference')) or hypergradient='central' or 'forward'"
-            ) from error
+        (grad,) = torch.autograd.grad(product, [magnitude], allow_unused=True)
         return _or_zeros(grad, magnitude)
 
     def _magnitude_gradient(self, weights, direction, step, batch, kwargs, replay):
@@ -393,6 +397,18 @@ class _BufferSnapshot:
         with torch.no_grad():
             for buffer, value in zip(self._buffers, self._saved):
                 buffer.copy_(value)
+
+
+def _require_twice_differentiable_losses(device):
+    reference = _backend._load("reference")
+    once = [op for op in _LOSS_OPS if _backend.resolve(op, device) is not reference]
+    if once:
+        raise RuntimeError(
+            "hypergradient='exact' differentiates the training loss twice, but the active "
+            f"backend ({_backend.get_backend()}) runs {', '.join(once)} with fused kernels "
+            "that are differentiable once; choose the reference backend "
+            "(sokd.set_backend('reference')) or hypergradient='central' or 'forward'"
+        )
 
 
 def _raw_gradients(loss, inputs, create_graph=False):
