@@ -124,7 +124,8 @@ def main(argv=None):
                         seconds.setdefault(mode, []).append(spent)
                         errors.append(float((value - reference).norm() / reference.norm()))
                     low, median, high = quartiles(errors)
-                    rows.append((model, str(dtype)[6:], mode, radius, len(errors), low, median, high))
+                    dtype_name = str(dtype).removeprefix("torch.")
+                    rows.append((model, dtype_name, mode, radius, len(errors), low, median, high))
                     print(rows[-1], file=sys.stderr, flush=True)
     lines = [
         "| student | dtype | mode | r | draws | 25% | median | 75% |",

@@ -93,10 +93,12 @@ class PolicySearch:
             w' = w - eta * (grad L_train(w) + lambda * w).
         radius: r of the finite-difference Hessian-vector term, R = r / ||v||.
         hypergradient: how the magnitudes' term -eta * d/dM (grad_w L_train(w) . v) is taken:
-            "central" (the finite difference (G+ - G-) / 2R at w +- R v, two probes),
-            "forward" (the one-sided (G+ - G) / R, one probe; G at w comes from the training
-            loss already evaluated) or "exact" (double backward through the training loss;
-            needs a loss that is twice differentiable, such as the reference backend's).
+            "forward" (the default: the one-sided (G+ - G) / R, one probe at w + R v; G at w
+            comes from the training loss already evaluated), "central" (SPEC's
+            (G+ - G-) / 2R at w +- R v, two probes) or "exact" (double backward through the
+            training loss; the losses must run on the reference backend, as the native kernels
+            are differentiable once). On ReLU networks both differences are as far from the
+            exact term as each other (docs/training.md), and "forward" costs one probe less.
             P, omega and the control variate take the exact term in every mode: their RELAX
             estimate is linear in the loss value f, so their finite difference is the
             directional derivative grad_w L_train(w) . v, which the first evaluation gives.
@@ -119,7 +121,7 @@ class PolicySearch:
         unroll_lr: float = 0.01,
         unroll_weight_decay: float = 1e-4,
         radius: float = 0.01,
-        hypergradient: Hypergradient = "central",
+        hypergradient: Hypergradient = "forward",
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         weight_decay: float = 1e-3,

@@ -138,7 +138,9 @@ def expected_policy_gradient(student, teacher, criterion, sample, batch, eta, de
 
 def test_policy_gradient_matches_step_by_step_computation():
     student, teacher, criterion = make_setup()
-    search = PolicySearch(student, criterion, make_objective(student, teacher, criterion))
+    search = PolicySearch(
+        student, criterion, make_objective(student, teacher, criterion), hypergradient="central"
+    )
     before_student, before_criterion = copy.deepcopy(student), copy.deepcopy(criterion)
     batch = make_batch()
     search.step(*batch)
@@ -525,7 +527,8 @@ def _train_with_backward(rank, port, out_dir):
                 teacher_logits = teacher_feature.mean(dim=(2, 3))[:, :5]
             optimizer.zero_grad()
             search.backward(x, y, teacher_feature, teacher_logits)
-            local.append([p.grad.clone() for p in search.student_parameters() if p.grad is not None])
+            grads = [p.grad for p in search.student_parameters() if p.grad is not None]
+            local.append([grad.clone() for grad in grads])
             optimizer.step()
         torch.save(
             {
