@@ -262,6 +262,10 @@ def _table(rows, markdown):
     return "\n".join(lines)
 
 
+def _load_text(load):
+    return "unknown" if load is None else f"{load:.1f}"
+
+
 def main(args, command: str, device_name: str) -> int:
     """Runs the preset with run.py's parsed `args`; `command` reproduces the measurement."""
     if len(args.preset) > 1 or args.shape or args.cases:
@@ -316,8 +320,9 @@ def main(args, command: str, device_name: str) -> int:
             out.write(
                 f"# Whole training steps against KD\n\n```bash\n{command}\n```\n\n"
                 f"{started}; {device_name}; {machine['threads']} thread(s); load average "
-                f"{machine['load_average_1min_before']} before, "
-                f"{machine['load_average_1min_after']} after; torch {torch.__version__}, "
+                f"{_load_text(machine['load_average_1min_before'])} before, "
+                f"{_load_text(machine['load_average_1min_after'])} after; "
+                f"torch {torch.__version__}, "
                 f"sokd {sokd.__version__}. Batch {setting.batch}, median of {setting.rounds} "
                 f"interleaved rounds after {setting.warmup_rounds} warm-up round(s). SoKD "
                 f"set-up per hint: {json.dumps(details)}.\n\n"
