@@ -197,9 +197,9 @@ class PolicySearch:
         """One bi-level policy step on `batch` (passed on to the objective with `kwargs`).
 
         Returns the SearchStep losses, or None once the search epochs are over. Every
-        parameter, gradient and buffer of the model and the criterion is left exactly as it
-        was. The student's own step then evaluates the objective again; `backward` spares
-        that evaluation.
+        student-side weight, its `.grad` and every buffer of the model and the criterion is
+        left exactly as it was; only the policy moves. The student's own step then evaluates
+        the objective again; `backward` spares that evaluation.
         """
         if not self.searching:
             return None
