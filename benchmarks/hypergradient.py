@@ -143,8 +143,12 @@ def main(argv=None):
     print(table)
     print(f"median CPU time of one search step: {timing}")
     if args.markdown:
-        command = " ".join(["python benchmarks/hypergradient.py"] + (argv or sys.argv[1:]))
-        command = command.split(" --markdown")[0]
+        given = list(sys.argv[1:] if argv is None else argv)
+        if "--markdown" in given:
+            at = given.index("--markdown")
+            del given[at : at + 2]
+        given = [arg for arg in given if not arg.startswith("--markdown=")]
+        command = " ".join(["python benchmarks/hypergradient.py"] + given)
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.markdown, "w") as out:
             out.write(

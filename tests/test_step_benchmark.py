@@ -1,5 +1,6 @@
 """`python benchmarks/run.py --preset step`: in tiny form (narrow networks, one round) it runs
-every mode at both hints and writes well-formed JSON and markdown. Timings are never asserted."""
+every mode at both hints and writes well-formed JSON and markdown; and the hypergradient
+accuracy script runs in tiny form. Timings are never asserted."""
 
 import json
 import sys
@@ -95,3 +96,19 @@ def test_table_and_markdown(quick_step):
 def test_step_preset_runs_alone(run_main, capsys):
     assert run_main(["--preset", "step", "--preset", "cifar", "--quick"]) == 2
     assert "runs on its own" in capsys.readouterr().err
+
+
+def test_hypergradient_accuracy_script(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import hypergradient
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "hypergradient.md"
+    assert hypergradient.main(["--draws", "2", "--size", "4", "--markdown", str(out)]) == 0
+    markdown = out.read_text()
+    assert "python benchmarks/hypergradient.py --draws 2 --size 4\n" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith(("| relu", "| smooth"))]
+    # Two students, two dtypes, two differences, two radii.
+    assert len(rows) == 16
+    assert "median CPU time" in capsys.readouterr().out
