@@ -18,6 +18,7 @@ import platform
 import sys
 
 import report
+import step
 import suite
 import torch
 from cases import CASE_NAMES
@@ -62,7 +63,7 @@ def parse_args(argv):
     parser.add_argument(
         "--preset",
         action="append",
-        choices=sorted(PRESETS),
+        choices=sorted([*PRESETS, step.PRESET]),
         help="a named shape; repeat for several (default: every preset that runs on the device)",
     )
     parser.add_argument(
@@ -164,6 +165,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.preset and step.PRESET in args.preset:
+        command = _measuring_command(sys.argv[1:] if argv is None else argv)
+        return step.main(args, command, _device_name(args.device))
     # Graph breaks in the compiled SoKDLoss step (its policy draws a Python int) are expected;
     # dynamo's advice about them would bury the progress lines.
     torch._logging.set_logs(dynamo=logging.ERROR)
