@@ -2,6 +2,7 @@
 
 from . import ops
 from ._backend import available_backends, empty_cache, get_backend, preload, set_backend
+from .feature_taps import tap
 from .head import HeadOutput, InterestHead
 from .loss import SoKDLoss, SoKDOutput
 from .policy import FeaturePolicy, PolicySample
@@ -24,4 +25,5 @@ __all__ = [
     "get_backend",
     "ops",
     "set_backend",
+    "tap",
 ]
