@@ -87,8 +87,10 @@ def parse_args(argv):
     parser.add_argument(
         "--threads",
         type=int,
+        default=1,
         metavar="N",
-        help="CPU threads for torch (default: torch's own choice)",
+        help="CPU threads for torch (default 1: a multi-threaded op on a shared or busy "
+        "machine waits for time slices, and its timings swing by orders of magnitude)",
     )
     parser.add_argument(
         "--case",
@@ -117,7 +119,7 @@ def parse_args(argv):
         parser.error(f"--device must be cpu or cuda, got {args.device}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
-    if args.threads is not None and args.threads <= 0:
+    if args.threads <= 0:
         parser.error(f"--threads must be > 0, got {args.threads}")
     return args
 
@@ -162,8 +164,7 @@ def _measuring_command(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     # Graph breaks in the compiled SoKDLoss step (its policy draws a Python int) are expected;
     # dynamo's advice about them would bury the progress lines.
     torch._logging.set_logs(dynamo=logging.ERROR)
@@ -196,6 +197,7 @@ def main(argv=None):
             "device": args.device.type,
             "device_name": _device_name(args.device),
             "threads": _threads(args.device),
+            "cores": os.cpu_count(),
             # Other work on the machine slows every contender alike; this says how much
             # there was.
             "load_average_1min": load_before,
