@@ -180,3 +180,22 @@ def test_parser_reads_fences_headings_and_fragments(tmp_path):
     assert missing_optional_packages("import torch\nfrom torchvision import models\n") == (
         [] if importlib.util.find_spec("torchvision") else ["torchvision"]
     )
+
+
+def public_names() -> list[str]:
+    import sokd
+    import sokd.ops
+
+    ops = [
+        name
+        for name, value in vars(sokd.ops).items()
+        if callable(value) and not name.startswith("_") and value.__module__ == "sokd.ops"
+    ]
+    return sorted(set(sokd.__all__) | set(ops) | {"Distiller", "SoKDStudent", "SoKDTorchdistillLoss"})
+
+
+def test_api_reference_documents_every_public_name():
+    text = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^### `([\w.]+)`", text, re.M))
+    missing = [name for name in public_names() if name not in documented]
+    assert not missing, f"docs/api.md has no '### `name`' section for {missing}"
