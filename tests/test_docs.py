@@ -9,7 +9,8 @@ Conventions for documentation code:
   under, e.g. `README.md#quick-start`), or an existing file of the repository (e.g.
   `examples/digits.py`).
 - A block whose first line starts with `# torchrun` is launched as two gloo processes with
-  `python -m torch.distributed.run --standalone --nproc_per_node=2` (a slow test).
+  `python -m torch.distributed.run --standalone --nproc_per_node=2`. It and the blocks that
+  use torchvision are in the slow set (`pytest -m slow`).
 - A block that imports an optional package (torchvision, torchdistill, ...) is skipped when
   that package is not installed.
 """
@@ -125,6 +126,11 @@ def run_block(block: Block, folder: Path) -> subprocess.CompletedProcess:
     )
 
 
+def is_slow(block: Block) -> bool:
+    """Launching two processes, or training torchvision ResNets, takes over 5 s on 2 cores."""
+    return block.is_torchrun or "torchvision" in block.code
+
+
 def test_the_docs_have_python_blocks():
     assert RUNNABLE, "no runnable python block found in README.md or docs/"
     assert any(block.path.name == "README.md" for block in RUNNABLE)
@@ -133,7 +139,7 @@ def test_the_docs_have_python_blocks():
 @pytest.mark.parametrize(
     "block",
     [
-        pytest.param(block, id=block.label, marks=[pytest.mark.slow] if block.is_torchrun else [])
+        pytest.param(block, id=block.label, marks=[pytest.mark.slow] if is_slow(block) else [])
         for block in RUNNABLE
     ],
 )
