@@ -25,14 +25,15 @@ def _cuda_wanted(torch_cuda_version, cuda_home, gpu_visible):
         return forced == "1"
     if forced is not None:
         raise SystemExit(f"SOKD_CUDA must be 0 or 1, got {forced!r}")
-    if not gpu_visible:
+    nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
+    buildable = bool(torch_cuda_version) and bool(nvcc) and os.path.exists(nvcc)
+    if buildable and not gpu_visible:
         # Kernels that cannot run here would take minutes to compile (nvcc, two GPU
         # architectures); SOKD_CUDA=1 asks for them anyway.
         print("sokd: no GPU visible, so the CUDA kernels are not built (SOKD_CUDA=1 builds "
               "them)", file=sys.stderr)
         return False
-    nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
-    return bool(torch_cuda_version) and bool(nvcc) and os.path.exists(nvcc)
+    return buildable
 
 
 def _locate_cuda_toolkit():
