@@ -195,16 +195,16 @@ class SoKDLoss(nn.Module):
     @classmethod
     def from_models(
         cls,
-        student,
-        teacher,
+        student: nn.Module,
+        teacher: nn.Module,
         *,
-        student_layer,
-        teacher_layer,
-        example_input,
-        resize="bilinear",
-        method="auto",
+        student_layer: str,
+        teacher_layer: str,
+        example_input: torch.Tensor,
+        resize: str = "bilinear",
+        method: str = "auto",
         **options,
-    ):
+    ) -> "SoKDLoss":
         """A SoKDLoss for the hint layers of two models, sized from one example batch.
 
         Runs `example_input` through both models once (eval mode, no gradients) to read the
