@@ -81,10 +81,10 @@ def _case_title(result):
         title += " (forward only: no backward)"
     if result["copy"] is not None:
         copy = result["copy"]
+        spread = 100 * copy["iqr_s"] / copy["median_s"]
         title += (
             f" - {result['bytes'] / 2**20:.2f} MiB moved; copy of the same bytes "
-            f"{copy['median_s'] * 1e3:.3f} ms (spread {100 * copy['iqr_s'] / copy['median_s']:.0f}%)"
-            f" = {copy['gbps']:.1f} GB/s"
+            f"{copy['median_s'] * 1e3:.3f} ms (spread {spread:.0f}%) = {copy['gbps']:.1f} GB/s"
             + (f"{UNSTABLE_MARK} ({copy['unstable']})" if copy.get("unstable") else "")
         )
     return title

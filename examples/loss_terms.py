@@ -64,7 +64,8 @@ def resnet_case(pair: tuple[str, str, str], normalize: str, seed: int) -> dict:
     with torch.no_grad():
         teacher_feature, teacher_logits = tap(teacher, layer)(images)
     student_feature, student_logits = tap(student, layer)(images)
-    return terms(criterion, (student_feature, teacher_feature, student_logits, teacher_logits, labels))
+    inputs = (student_feature, teacher_feature, student_logits, teacher_logits, labels)
+    return terms(criterion, inputs)
 
 
 def main(argv: list[str] | None = None) -> None:

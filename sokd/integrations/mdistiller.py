@@ -118,7 +118,8 @@ class Distiller(nn.Module):
         if self._last_epoch is not None:
             for _ in range(max(int(epoch) - self._last_epoch, 0)):
                 self.end_epoch()
-        self._last_epoch = int(epoch) if self._last_epoch is None else max(self._last_epoch, int(epoch))
+        if self._last_epoch is None or int(epoch) > self._last_epoch:
+            self._last_epoch = int(epoch)
 
     def get_learnable_parameters(self) -> list[nn.Parameter]:
         """What the trainer's optimizer trains: the student, the connector and the DAM head
