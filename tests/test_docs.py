@@ -13,6 +13,8 @@ Conventions for documentation code:
   use torchvision are in the slow set (`pytest -m slow`).
 - A block that imports an optional package (torchvision, torchdistill, ...) is skipped when
   that package is not installed.
+- SOKD_DOCS_SMOKE=1 is set while the blocks run, for the rare block that must shrink itself
+  under test; a block that is tiny as written needs no such branch.
 """
 
 from __future__ import annotations
