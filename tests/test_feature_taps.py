@@ -197,3 +197,38 @@ def test_policy_search_runs_through_a_tapped_student():
     assert not torch.equal(criterion.policy.probability, probabilities)
     for before, after in zip(weights, student.parameters()):
         assert torch.equal(before, after)
+
+
+def test_without_torchvision_auto_uses_a_hook_and_fx_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "torchvision" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    model = Net(4)
+    assert isinstance(sokd.tap(model, "stem"), HookTap)
+    with pytest.raises(ImportError, match="pip install torchvision"):
+        sokd.tap(model, "stem", method="fx")
+
+
+def test_auto_falls_back_to_a_hook_when_tracing_fails():
+    pytest.importorskip("torchvision")
+
+    class Branchy(Net):
+        def forward(self, x):  # data-dependent control flow: torch.fx cannot trace it
+            hidden = self.block(self.stem(x))
+            if hidden.sum() > 0:
+                hidden = hidden * 2
+            return self.fc(hidden.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Branchy(4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    tapped = sokd.tap(model, "block")
+    assert isinstance(tapped, HookTap)
+    feature, output = tapped(x)
+    torch.testing.assert_close(feature, model.block(model.stem(x)))
+    torch.testing.assert_close(output, model(x))
