@@ -1,8 +1,10 @@
 """Builds the sokd package and, when torch is importable at build time, the sokd._C extension.
 
 The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/*.cpp). It gets the CUDA
-sources (csrc/cuda/*.cu) when torch is a CUDA build and nvcc is found; SOKD_CUDA=0 or
-SOKD_CUDA=1 forces either way.
+sources (csrc/cuda/*.cu) when torch is a CUDA build, nvcc is found and torch sees a GPU;
+SOKD_CUDA=0 or SOKD_CUDA=1 forces either way (SOKD_CUDA=1 builds them without a GPU, as CI
+does to keep every .cu file compiling). The build runs MAX_JOBS compile jobs at once, by
+default one per core.
 """
 
 import glob
@@ -13,21 +15,28 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["sokd", "sokd.reference", "sokd.kernels"]
+PACKAGES = ["sokd", "sokd.reference", "sokd.integrations", "sokd.kernels"]
 PACKAGE_DIR = {"sokd.kernels": "kernels"}
 # Without a GPU to detect at build time: the data-centre GPUs we target, plus PTX of the newest
 # so that later architectures can JIT-compile the kernels instead of failing to launch them.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
-def _cuda_wanted(torch_cuda_version, cuda_home):
+def _cuda_wanted(torch_cuda_version, cuda_home, gpu_visible):
     forced = os.environ.get("SOKD_CUDA")
     if forced in ("0", "1"):
         return forced == "1"
     if forced is not None:
         raise SystemExit(f"SOKD_CUDA must be 0 or 1, got {forced!r}")
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
-    return bool(torch_cuda_version) and bool(nvcc) and os.path.exists(nvcc)
+    buildable = bool(torch_cuda_version) and bool(nvcc) and os.path.exists(nvcc)
+    if buildable and not gpu_visible:
+        # Kernels that cannot run here would take minutes to compile (nvcc, two GPU
+        # architectures); SOKD_CUDA=1 asks for them anyway.
+        print("sokd: no GPU visible, so the CUDA kernels are not built (SOKD_CUDA=1 builds "
+              "them)", file=sys.stderr)
+        return False
+    return buildable
 
 
 def _locate_cuda_toolkit():
@@ -102,7 +111,9 @@ def _extensions():
     macros = []
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
-    if _cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME):
+    # torch's build runs MAX_JOBS compilations at once; use every core unless told otherwise.
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    if _cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME, torch.cuda.is_available()):
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         if cuda_sources:
             extension_type = cpp_extension.CUDAExtension

@@ -28,11 +28,25 @@ CHECK_TOLERANCE = {
 }
 
 
+# A timing is unstable when its interquartile range exceeds this fraction of its median, or
+# when the machine's load average exceeds its core count (other work then takes time slices
+# from the measured one). An unstable timing is measured again, up to ATTEMPTS times in all;
+# if it stays unstable it keeps the reason, which the tables print as a warning.
+SPREAD_LIMIT = 0.25
+ATTEMPTS = 3
+
+
 @dataclass
 class Timing:
     median_s: float
     iqr_s: float
     reps: int
+    unstable: str = None  # why the timing cannot be trusted, or None
+
+    @property
+    def spread(self):
+        """The interquartile range relative to the median."""
+        return self.iqr_s / self.median_s if self.median_s > 0 else 0.0
 
 
 @dataclass
@@ -53,7 +67,42 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_step(step, device, budget):
+def load_problem():
+    """Why the machine is too busy for trustworthy timings (load average above the number of
+    cores), or None."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        return f"load average {load:.1f} above {cores} cores"
+    return None
+
+
+def instability(timing):
+    """Why `timing` is unstable, or None."""
+    if timing.spread > SPREAD_LIMIT:
+        return f"spread (IQR) {100 * timing.spread:.0f}% of the median"
+    return load_problem()
+
+
+def time_step(step, device, budget, attempts=ATTEMPTS):
+    """Median and interquartile range of `step`'s wall time over repeated runs.
+
+    An unstable measurement (see `instability`) is repeated, up to `attempts` in all; the
+    steadiest one is kept, and if every attempt was unstable it carries the reason."""
+    best = None
+    for _ in range(attempts):
+        timing = _time_once(step, device, budget)
+        reason = instability(timing)
+        if reason is None:
+            return timing
+        if best is None or timing.spread < best.spread:
+            best, best_reason = timing, reason
+    best.unstable = f"{best_reason} (measured {attempts} times)"
+    return best
+
+
+def _time_once(step, device, budget):
     """Median and interquartile range of `step`'s wall time, after budget.warmup runs."""
     for _ in range(budget.warmup):
         begin = time.perf_counter()

@@ -7,6 +7,7 @@ COLUMNS = (
     "status",
     "median ms",
     "IQR ms",
+    "spread",
     "peak MiB",
     "GB/s",
     "of copy",
@@ -19,20 +20,50 @@ def _number(value, pattern):
     return "-" if value is None else pattern.format(value)
 
 
-def _cells(entry):
+UNSTABLE_MARK = " !"
+
+
+def _unstable_names(result):
+    """Contenders of one case whose timing stayed unstable (see benchmarks/measure.py)."""
+    return {entry["name"] for entry in result["contenders"] if entry.get("unstable")}
+
+
+def _marked(text, shaky):
+    """A figure computed from an unstable timing carries the mark that the notes explain."""
+    return text + UNSTABLE_MARK if shaky and text != "-" else text
+
+
+def _cells(entry, unstable_names=frozenset()):
     if entry["status"] != "ok":
         return [entry["name"], entry["status"], entry["reason"]]
     peak = entry["peak_extra_bytes"]
+    own = bool(entry.get("unstable"))
+    spread = entry["iqr_s"] / entry["median_s"] if entry["median_s"] else 0.0
     return [
         entry["name"],
         "ok",
-        _number(entry["median_s"] * 1e3, "{:.3f}"),
+        _marked(_number(entry["median_s"] * 1e3, "{:.3f}"), own),
         _number(entry["iqr_s"] * 1e3, "{:.3f}"),
+        f"{100 * spread:.0f}%",
         _number(None if peak is None else peak / 2**20, "{:.2f}"),
         _number(entry["gbps"], "{:.1f}"),
         _number(None if entry["of_copy"] is None else 100 * entry["of_copy"], "{:.0f}%"),
-        _number(entry["speedup_vs_eager"], "{:.2f}x"),
-        _number(entry["speedup_vs_compile"], "{:.2f}x"),
+        _marked(
+            _number(entry["speedup_vs_eager"], "{:.2f}x"), own or "eager" in unstable_names
+        ),
+        _marked(
+            _number(entry["speedup_vs_compile"], "{:.2f}x"), own or "compile" in unstable_names
+        ),
+    ]
+
+
+def unstable_notes(result):
+    """One warning line per contender whose timing stayed unstable."""
+    return [
+        f"! {entry['name']}: unstable timing, {entry['unstable']}; its time and every ratio "
+        "marked ! are unreliable"
+        for entry in result["contenders"]
+        if entry.get("unstable")
     ]
 
 
@@ -50,9 +81,11 @@ def _case_title(result):
         title += " (forward only: no backward)"
     if result["copy"] is not None:
         copy = result["copy"]
+        spread = 100 * copy["iqr_s"] / copy["median_s"]
         title += (
             f" - {result['bytes'] / 2**20:.2f} MiB moved; copy of the same bytes "
-            f"{copy['median_s'] * 1e3:.3f} ms = {copy['gbps']:.1f} GB/s"
+            f"{copy['median_s'] * 1e3:.3f} ms (spread {spread:.0f}%) = {copy['gbps']:.1f} GB/s"
+            + (f"{UNSTABLE_MARK} ({copy['unstable']})" if copy.get("unstable") else "")
         )
     return title
 
@@ -73,9 +106,22 @@ def header_lines(run):
         f"sokd backends available: {', '.join(run['backends_available'])}",
         (
             "times: forward+backward, median and interquartile range over repeated runs after "
-            "warm-up; speed-ups are ratios of medians"
+            "warm-up; spread = IQR / median; speed-ups are ratios of medians; a timing whose "
+            "spread stays above 25% or that ran while the load average exceeded the core "
+            "count (measured up to 3 times) is marked !"
         ),
-    ]
+    ] + (
+        [f"WARNING: {busy} when the run started; timings are unreliable"]
+        if (busy := _busy_at_start(machine))
+        else []
+    )
+
+
+def _busy_at_start(machine):
+    load, cores = machine["load_average_1min"], machine.get("cores")
+    if load is None or cores is None or load <= cores:
+        return None
+    return f"load average {load:.1f} above {cores} cores"
 
 
 def text_table(run):
@@ -86,7 +132,8 @@ def text_table(run):
         if result["status"] == "skipped":
             lines.append(f"  skipped: {result['reason']}")
             continue
-        rows = [_cells(entry) for entry in result["contenders"]]
+        shaky = _unstable_names(result)
+        rows = [_cells(entry, shaky) for entry in result["contenders"]]
         widths = [
             max(len(COLUMNS[i]), *(len(r[i]) for r in rows if len(r) == len(COLUMNS)))
             for i in range(len(COLUMNS))
@@ -109,6 +156,7 @@ def text_table(run):
                         for i, (c, w) in enumerate(zip(row, widths))
                     )
                 )
+        lines += ["  " + note for note in unstable_notes(result)]
     return "\n".join(lines)
 
 
@@ -128,11 +176,15 @@ def markdown(run, command):
             continue
         lines.append("| " + " | ".join(COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
+        shaky = _unstable_names(result)
         for entry in result["contenders"]:
-            cells = _cells(entry)
+            cells = _cells(entry, shaky)
             if len(cells) != len(COLUMNS):
                 cells = cells + [""] * (len(COLUMNS) - len(cells))
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        notes = unstable_notes(result)
+        if notes:
+            lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -169,8 +221,16 @@ def plot(run, path):
     axes.set_ylabel("speed-up over eager reference (x)")
     axes.set_xticks(range(len(groups)))
     axes.set_xticklabels(
-        [f"{r['preset']}\n{r['case']}" for r in groups], fontsize=7, rotation=30, ha="right"
+        [
+            f"{r['preset']}\n{r['case']}" + (UNSTABLE_MARK if _unstable_names(r) else "")
+            for r in groups
+        ],
+        fontsize=7,
+        rotation=30,
+        ha="right",
     )
+    if any(_unstable_names(r) for r in groups):
+        figure.text(0.01, 0.01, "! unstable timings: see the table's notes", fontsize=7)
     axes.set_title(f"sokd forward+backward, {run['machine']['device_name']}")
     axes.legend(fontsize=7)
     figure.tight_layout()

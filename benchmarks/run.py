@@ -88,8 +88,10 @@ def parse_args(argv):
     parser.add_argument(
         "--threads",
         type=int,
+        default=1,
         metavar="N",
-        help="CPU threads for torch (default: torch's own choice)",
+        help="CPU threads for torch (default 1: a multi-threaded op on a shared or busy "
+        "machine waits for time slices, and its timings swing by orders of magnitude)",
     )
     parser.add_argument(
         "--case",
@@ -118,7 +120,7 @@ def parse_args(argv):
         parser.error(f"--device must be cpu or cuda, got {args.device}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
-    if args.threads is not None and args.threads <= 0:
+    if args.threads <= 0:
         parser.error(f"--threads must be > 0, got {args.threads}")
     return args
 
@@ -163,8 +165,7 @@ def _measuring_command(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.preset and step.PRESET in args.preset:
         command = _measuring_command(sys.argv[1:] if argv is None else argv)
         return step.main(args, command, _device_name(args.device))
@@ -200,6 +201,7 @@ def main(argv=None):
             "device": args.device.type,
             "device_name": _device_name(args.device),
             "threads": _threads(args.device),
+            "cores": os.cpu_count(),
             # Other work on the machine slows every contender alike; this says how much
             # there was.
             "load_average_1min": load_before,

@@ -56,6 +56,7 @@ def _copy_roofline(num_bytes, device, budget):
         "median_s": timing.median_s,
         "iqr_s": timing.iqr_s,
         "gbps": 8 * elements / timing.median_s / 1e9,
+        "unstable": timing.unstable,
     }
 
 
@@ -68,6 +69,7 @@ def _skipped(contender, reason, status="skipped"):
         "median_s": None,
         "iqr_s": None,
         "reps": 0,
+        "unstable": None,
         "peak_extra_bytes": None,
         "gbps": None,
         "of_copy": None,
@@ -91,7 +93,9 @@ def run_contender(contender, inputs, expected, device, dtype, budget, tolerance_
     entry = _skipped(contender, None, "ok")
     entry["peak_extra_bytes"] = peak_extra_bytes(step, device)
     timing = time_step(step, device, budget)
-    entry.update(median_s=timing.median_s, iqr_s=timing.iqr_s, reps=timing.reps)
+    entry.update(
+        median_s=timing.median_s, iqr_s=timing.iqr_s, reps=timing.reps, unstable=timing.unstable
+    )
     return entry, outputs
 
 

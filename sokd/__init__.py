@@ -1,7 +1,15 @@
 """sokd: Student-Oriented Knowledge Distillation (SoKD, ACM MM 2024) as fused PyTorch losses."""
 
 from . import ops
-from ._backend import available_backends, empty_cache, get_backend, preload, set_backend
+from ._backend import (
+    available_backends,
+    built_backends,
+    empty_cache,
+    get_backend,
+    preload,
+    set_backend,
+)
+from .feature_taps import tap
 from .head import HeadOutput, InterestHead
 from .loss import SoKDLoss, SoKDOutput
 from .policy import FeaturePolicy, PolicySample
@@ -20,8 +28,10 @@ __all__ = [
     "SoKDLoss",
     "SoKDOutput",
     "available_backends",
+    "built_backends",
     "empty_cache",
     "get_backend",
     "ops",
     "set_backend",
+    "tap",
 ]

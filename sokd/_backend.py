@@ -109,9 +109,23 @@ def _load(name):
     return module
 
 
-def available_backends():
-    """Names of the backends that can run in this installation (auto not included)."""
+def built_backends():
+    """Names of the backends this installation has (auto not included), whether or not this
+    machine can run them: reference always, cpu and cuda when sokd._C was built with their
+    kernels, triton when sokd.kernels imports."""
     return [name for name in BACKEND_NAMES[1:] if _load(name) is not None]
+
+
+def available_backends():
+    """Names of the built backends that can run on this machine (auto not included): cuda
+    and triton only when torch sees a GPU, except that triton is listed on a CPU-only machine
+    under TRITON_INTERPRET=1, since its interpreter then runs it on CPU tensors."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    runnable = {"reference": True, "cpu": True, "cuda": gpu, "triton": gpu or interpreted}
+    return [name for name in built_backends() if runnable[name]]
 
 
 def empty_cache():

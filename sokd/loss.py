@@ -191,3 +191,39 @@ class SoKDLoss(nn.Module):
         return ops.decoupled_kd_loss(
             student_logits, teacher_logits, class_mask, self.alpha, self.beta, self.temperature
         )
+
+    @classmethod
+    def from_models(
+        cls,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        student_layer: str,
+        teacher_layer: str,
+        example_input: torch.Tensor,
+        resize: str = "bilinear",
+        method: str = "auto",
+        **options,
+    ) -> "SoKDLoss":
+        """A SoKDLoss for the hint layers of two models, sized from one example batch.
+
+        Runs `example_input` through both models once (eval mode, no gradients) to read the
+        channels and spatial sizes of `student_layer` and `teacher_layer` (submodule or
+        torch.fx node names, see `sokd.tap`). A student map of another spatial size is
+        resized to the teacher's by the default connector (`resize="bilinear"` or
+        `"nearest"`); `resize="error"` raises instead. Other keyword arguments go to
+        `SoKDLoss`. Defined in `sokd/feature_taps.py` (`loss_from_models`).
+        """
+        from .feature_taps import loss_from_models
+
+        return loss_from_models(
+            cls,
+            student,
+            teacher,
+            student_layer=student_layer,
+            teacher_layer=teacher_layer,
+            example_input=example_input,
+            resize=resize,
+            method=method,
+            **options,
+        )

@@ -84,3 +84,16 @@ def test_dispatch_traces_under_torch_compile_fullgraph():
 
     compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(student, teacher, mask), losses(student, teacher, mask))
+
+
+def test_available_backends_are_the_built_ones_that_run_here(monkeypatch):
+    built = sokd.built_backends()
+    assert "reference" in built and "auto" not in built
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert sokd.available_backends() == [n for n in built if n in ("reference", "cpu")]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    expected = [n for n in built if n in ("reference", "cpu", "triton")]
+    assert sokd.available_backends() == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sokd.available_backends() == built

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,7 @@ def check_contender(entry):
         assert isinstance(entry["median_s"], float) and entry["median_s"] > 0
         assert isinstance(entry["iqr_s"], float) and entry["iqr_s"] >= 0
         assert isinstance(entry["peak_extra_bytes"], int) and entry["peak_extra_bytes"] >= 0
+        assert entry["unstable"] is None or "measured 3 times" in entry["unstable"]
     else:
         assert isinstance(entry["reason"], str) and entry["reason"]
         assert entry["reps"] == 0
@@ -93,6 +95,8 @@ def test_quick_json_schema(quick_run):
     assert run["machine"]["device"] == "cpu"
     assert isinstance(run["machine"]["device_name"], str) and run["machine"]["device_name"]
     assert run["settings"]["quick"] is True and run["settings"]["compile"] is False
+    assert run["machine"]["threads"] == 1  # one torch thread unless --threads says otherwise
+    assert run["machine"]["cores"] == os.cpu_count()
     assert "reference" in run["backends_available"]
     assert {result["case"] for result in run["results"]} == CASES
     for result in run["results"]:
@@ -135,6 +139,17 @@ def test_absent_contenders_are_skipped_with_a_reason(quick_run):
     assert by_name["Liger KLDiv"]["status"] == "skipped"
 
 
+@pytest.mark.slow
+def test_threads_option_reaches_torch(tmp_path):
+    out = tmp_path / "run.json"
+    completed = run_cli(
+        "--quick", "--no-compile", "--device", "cpu", "--shape", TINY_SHAPE, "--case",
+        "kd_loss", "--threads", "2", "--json", str(out), timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(out.read_text())["machine"]["threads"] == 2
+
+
 def test_table_progress_and_markdown(quick_run):
     completed, paths, run = quick_run
     assert "vs eager" in completed.stdout and "vs compile" in completed.stdout
@@ -168,6 +183,88 @@ def benchmark_modules():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     return shapes, suite, Contender, Budget
+
+
+@pytest.fixture
+def measure_and_report():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import measure
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return measure, report
+
+
+def test_a_wide_spread_is_measured_again_then_flagged(measure_and_report, monkeypatch):
+    measure, _ = measure_and_report
+    monkeypatch.setattr(measure, "load_problem", lambda: None)
+    durations = iter([0.001, 0.02] * 100)  # every other run 20 times slower
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    budget = measure.Budget(warmup=0, min_reps=4, max_reps=4, budget_s=0.0)
+    timing = measure.time_step(step, torch.device("cpu"), budget)
+    assert len(calls) == 3 * 4  # three measurements of four runs
+    assert timing.unstable.startswith("spread (IQR)") and "measured 3 times" in timing.unstable
+    steady = measure.time_step(lambda: None, torch.device("cpu"), budget)
+    assert steady.unstable is None or "spread" not in steady.unstable
+
+
+def test_a_busy_machine_makes_every_timing_unstable(measure_and_report, monkeypatch):
+    measure, _ = measure_and_report
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.5, 0.0, 0.0))
+    assert measure.load_problem() == f"load average {cores + 1.5:.1f} above {cores} cores"
+    budget = measure.Budget(warmup=0, min_reps=2, max_reps=2, budget_s=0.0)
+    timing = measure.time_step(lambda: None, torch.device("cpu"), budget)
+    assert "above" in timing.unstable
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.5, 0.0, 0.0))
+    assert measure.load_problem() is None
+
+
+def _entry(name, median_s, unstable=None, vs_eager=None):
+    return {
+        "name": name, "kind": "backend", "status": "ok", "reason": None, "reps": 5,
+        "median_s": median_s, "iqr_s": median_s / 10, "unstable": unstable,
+        "peak_extra_bytes": 0, "gbps": None, "of_copy": None,
+        "speedup_vs_eager": vs_eager, "speedup_vs_compile": None,
+    }
+
+
+def test_ratios_from_unstable_timings_carry_the_warning(measure_and_report):
+    _, report = measure_and_report
+    run = {
+        "date": "today", "schema_version": 1,
+        "machine": {"device": "cpu", "device_name": "test cpu", "threads": 1, "cores": 2,
+                    "load_average_1min": 7.0},
+        "software": {"sokd": "0", "torch": "0", "python": "3"},
+        "settings": {"dtype": "float32", "quick": True},
+        "backends_available": ["reference"],
+        "results": [{
+            "preset": "p", "case": "kd_loss", "status": "ok", "has_backward": True,
+            "copy": None, "bytes": None,
+            "shape": {"n": 1, "k": 2, "c": None, "h": None, "w": None, "dense": False},
+            "contenders": [
+                _entry("eager", 2e-3, unstable="load average 7.0 above 2 cores", vs_eager=1.0),
+                _entry("cpu", 1e-3, vs_eager=2.0),
+            ],
+        }],
+    }
+    table = report.text_table(run)
+    assert "2.00x !" in table  # a steady contender against an unstable baseline
+    assert "! eager: unstable timing, load average 7.0 above 2 cores" in table
+    assert "WARNING: load average 7.0 above 2 cores when the run started" in table
+    markdown = report.markdown(run, "python benchmarks/run.py")
+    assert "| 2.00x ! |" in markdown and "- ! eager: unstable timing" in markdown
+    run["results"][0]["contenders"][0]["unstable"] = None
+    run["machine"]["load_average_1min"] = 0.5
+    calm = report.text_table(run)
+    assert " !" not in calm.split("is marked !", 1)[1] and "WARNING" not in calm
+    assert "2.00x" in calm
 
 
 def test_bad_shape_stops_the_cli_with_its_reason():

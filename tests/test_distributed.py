@@ -102,6 +102,7 @@ def _train(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes with their own torch start-up
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_ranks_stay_in_step(tmp_path):
     initial_policy = sokd.FeaturePolicy().state_dict()

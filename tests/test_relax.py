@@ -57,6 +57,7 @@ def relax_estimates(policy, count, generator, offset=0.0):
     return torch.stack(rows)
 
 
+@pytest.mark.slow  # many Monte Carlo samples: tens of seconds on 2 cores
 def test_relax_mean_matches_exact_gradient():
     policy = make_policy()
     exact = torch.cat([g.reshape(-1) for g in exact_gradient(policy)])
@@ -70,6 +71,7 @@ def test_relax_mean_matches_exact_gradient():
     assert float(standard_error.max()) < 0.1 * float(exact.abs().max())
 
 
+@pytest.mark.slow  # many Monte Carlo samples: tens of seconds on 2 cores
 def test_relax_is_unbiased_for_any_control_variate():
     policy = make_policy(seed=3)
     with torch.no_grad():
@@ -86,6 +88,7 @@ def estimator_variance(policy, generator, offset):
     return float(relax_estimates(policy, 300, generator, offset).var(dim=0).mean())
 
 
+@pytest.mark.slow  # many Monte Carlo samples: tens of seconds on 2 cores
 def test_control_variate_training_lowers_variance():
     # A large constant in f makes the plain score-function term noisy; c_phi can learn it.
     offset = 20.0
