@@ -13,7 +13,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["sokd", "sokd.reference", "sokd.kernels"]
+PACKAGES = ["sokd", "sokd._ops", "sokd.reference", "sokd.kernels"]
 PACKAGE_DIR = {"sokd.kernels": "kernels"}
 
 
