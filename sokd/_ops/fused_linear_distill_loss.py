@@ -132,6 +132,7 @@ _DIFFERENTIABLE = (0, 1, 4)  # student_hidden, student_weight, student_bias
 def _setup_context(ctx, inputs, output):
     _, grad_hidden, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the saved gradients
     ctx.per_row = inputs[12] == "none"
     ctx.with_grad = inputs[16]
     if ctx.per_row:

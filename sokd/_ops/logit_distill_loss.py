@@ -105,6 +105,8 @@ if _C is not None:
     def _setup_context(ctx, inputs, output):
         _, grad = output
         ctx.mark_non_differentiable(grad)
+        # Otherwise autograd hands backward a zero-filled N x V "gradient" of `grad`.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
         ctx.per_row = inputs[9] == "none"
         ctx.with_grad = inputs[12]
