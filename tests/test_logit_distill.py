@@ -306,11 +306,11 @@ def test_triton_launcher_matches_reference(divergence, temperature, reduction, m
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("k", (1, 8))
+@pytest.mark.parametrize("k", (1, 8, 64))
 def test_triton_launcher_topk_matches_reference(divergence, k, monkeypatch):
     launcher = pytest.importorskip("sokd.kernels.logit_distill_loss")
-    monkeypatch.setattr(launcher, "MAX_BLOCK_V", 8)
-    student, teacher, _ = _case(rows=3, vocab=20, scale=2.0)
+    monkeypatch.setattr(launcher, "MAX_BLOCK_V", 32)
+    student, teacher, _ = _case(rows=3, vocab=70, scale=2.0)
     topk = _topk(teacher, k, 1.0)
     loss, grad = _launch(student, None, topk=topk, divergence=divergence, num_items=5)
     sokd.set_backend("reference")
@@ -321,8 +321,10 @@ def test_triton_launcher_topk_matches_reference(divergence, k, monkeypatch):
     torch.testing.assert_close(grad, want_grad, atol=2e-5, rtol=2e-5)
 
 
-def test_triton_launcher_bf16_and_masked():
-    student, teacher, generator = _case(rows=3, vocab=16, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_triton_launcher_half_inputs_and_masked(dtype):
+    """Half inputs widen to float32; -inf entries (a masked vocabulary) add nothing."""
+    student, teacher, generator = _case(rows=3, vocab=16, dtype=dtype)
     masked = torch.rand(3, 16, generator=generator) < 0.3
     masked[:, 0] = False
     student = student.masked_fill(masked, -math.inf)
@@ -332,9 +334,16 @@ def test_triton_launcher_bf16_and_masked():
     s = student.clone().requires_grad_(True)
     want = logit_distill_loss(s, teacher, divergence="jsd")
     (want_grad,) = torch.autograd.grad(want, s)
-    assert grad.dtype == torch.bfloat16
+    assert grad.dtype == dtype
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.float(), want_grad.float(), atol=1e-4, rtol=1e-2)
+
+
+def test_triton_launcher_rows_of_length_one():
+    student, teacher, _ = _case(rows=3, vocab=1)
+    for divergence in DIVERGENCES:
+        loss, grad = _launch(student, teacher, divergence=divergence)
+        assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -443,6 +452,10 @@ def test_opcheck(reduction, requires_grad):
         (student, None, topk[0], topk[1], labels, "reverse_kl", 0.5, 1.0, -100, reduction, None,
          13, requires_grad),
     ]
+    # A vocab_size cut of a wider tensor: rows 20 apart, read in place.
+    wider = torch.randn(4, 20).requires_grad_(requires_grad)
+    samples.append((wider[:, :13], teacher, None, None, labels, "forward_kl", 0.5, 1.0, -100,
+                    reduction, None, 12, requires_grad))
     for args in samples:
         torch.library.opcheck(torch.ops.sokd.logit_distill_loss.default, args)
 
@@ -515,6 +528,31 @@ def test_fused_linear_num_items_and_leading_dims_without_bias():
     torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=2e-5)
     for got, want in zip(fused_grads, unfused_grads):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@native
+@pytest.mark.slow
+def test_fused_linear_compile_fullgraph_dynamic_matches_eager():
+    sokd.set_backend("cpu")
+
+    def step(hidden, weight, teacher_hidden, teacher_weight, labels):
+        return fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight,
+                                         labels=labels, chunk_size=4, divergence="reverse_kl")
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for rows in (7, 11):
+        tensors = _linear_case(rows=rows, bias=False)
+        labels = torch.arange(rows)
+        labels[0] = -100
+        results = []
+        for fn in (step, compiled):
+            hidden = tensors["student_hidden"].clone().requires_grad_(True)
+            weight = tensors["student_weight"].clone().requires_grad_(True)
+            loss = fn(hidden, weight, tensors["teacher_hidden"], tensors["teacher_weight"], labels)
+            loss.backward()
+            results.append((loss.detach(), hidden.grad, weight.grad))
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want)
 
 
 def test_fused_linear_module_matches_function():
