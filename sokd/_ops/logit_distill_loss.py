@@ -215,7 +215,7 @@ def check_num_items(num_items: object, device: torch.device) -> Tensor | None:
         return num_items.reshape(()).to(device=device, dtype=torch.float64)
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(f"num_items must be a number or a tensor, got {type(num_items).__name__}")
-    if isinstance(num_items, numbers.Number) and not num_items >= 0:
+    if not num_items >= 0:  # also refuses NaN
         raise ValueError(f"num_items must be >= 0, got {num_items}")
     return torch.scalar_tensor(num_items, dtype=torch.float64, device=device)
 
