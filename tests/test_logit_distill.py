@@ -246,6 +246,18 @@ def test_cpu_gradient_only_for_student_and_once_differentiable():
 
 
 @native
+def test_op_without_saved_gradient_refuses_backward():
+    student, teacher, _ = _case(rows=2)
+    student.requires_grad_(True)
+    loss, grad = torch.ops.sokd.logit_distill_loss(
+        student, teacher, None, None, None, "forward_kl", 0.5, 1.0, -100, "mean", None, 37, False
+    )
+    assert grad.numel() == 0
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        loss.backward()
+
+
+@native
 def test_cpu_result_does_not_depend_on_threads():
     student, teacher, _ = _case(rows=64, vocab=500)
     previous = torch.get_num_threads()
@@ -553,6 +565,23 @@ def test_fused_linear_compile_fullgraph_dynamic_matches_eager():
             results.append((loss.detach(), hidden.grad, weight.grad))
         for got, want in zip(results[1], results[0]):
             torch.testing.assert_close(got, want)
+
+
+@native
+def test_fused_linear_bf16_matches_reference_backend():
+    tensors = {k: v.to(torch.bfloat16) for k, v in _linear_case(rows=6).items()}
+    results = []
+    for backend in ("cpu", "reference"):
+        sokd.set_backend(backend)
+        hidden = tensors["student_hidden"].clone().requires_grad_(True)
+        others = {k: v for k, v in tensors.items() if k != "student_hidden"}
+        loss = fused_linear_distill_loss(hidden, **others, chunk_size=4, divergence="jsd")
+        loss.backward()
+        results.append((loss.detach(), hidden.grad))
+    assert results[0][1].dtype == torch.bfloat16
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1].float(), results[1][1].float(), atol=1e-3,
+                               rtol=2e-2)
 
 
 def test_fused_linear_module_matches_function():

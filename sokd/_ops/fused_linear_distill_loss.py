@@ -147,7 +147,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     needs = [ctx.needs_input_grad[i] for i in _DIFFERENTIABLE]
     result = [None] * 17
-    if not any(needs):
+    if grad_loss is None or not any(needs):
         return tuple(result)
     if ctx.per_row:
         *tensors, num_items = ctx.saved_tensors

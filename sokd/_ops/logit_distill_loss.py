@@ -112,7 +112,7 @@ if _C is not None:
         ctx.with_grad = inputs[12]
 
     def _backward(ctx, grad_loss, _grad_grad):
-        if not ctx.needs_input_grad[0]:
+        if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) * 13
         if not ctx.with_grad:
             raise RuntimeError(
