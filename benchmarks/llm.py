@@ -211,18 +211,20 @@ def lm_head_case(rows, hidden, vocab, device, dtype, reps, use_compile, divergen
 
 def _ratio_line(result, baseline):
     seconds, memory = result["seconds"], result["peak_extra_bytes"]
+    compiled = seconds.get("torch.compile")
     lines = []
     for name in seconds:
         speedup = seconds[baseline] / seconds[name]
+        versus_compile = f"{compiled / seconds[name]:.2f}x" if compiled else "-"
         mem = memory[name] / max(memory[baseline], 1)
         lines.append(
             f"| {result['case']} | {name} | {seconds[name] * 1e3:.1f} | {speedup:.2f}x | "
-            f"{memory[name] / 2**20:.0f} | {mem:.2f} |"
+            f"{versus_compile} | {memory[name] / 2**20:.0f} | {mem:.2f} |"
         )
     for name, why in result["wrong"].items():
-        lines.append(f"| {result['case']} | {name} | wrong: {why} | | | |")
+        lines.append(f"| {result['case']} | {name} | wrong: {why} | | | | |")
     for name, why in result["skipped"].items():
-        lines.append(f"| {result['case']} | {name} | not run: {why} | | | |")
+        lines.append(f"| {result['case']} | {name} | not run: {why} | | | | |")
     return lines
 
 
@@ -237,8 +239,9 @@ def markdown(run, command):
         " Contenders were timed in turns within one run (median of the runs); peak extra memory"
         " is what one forward + backward allocates above what was live before it.",
         "",
-        "| case | contender | ms | speed-up vs eager | peak extra MiB | memory vs eager |",
-        "|---|---|---|---|---|---|",
+        "| case | contender | ms | speed-up vs eager | vs torch.compile | peak extra MiB "
+        "| memory vs eager |",
+        "|---|---|---|---|---|---|---|",
     ]
     for result in run["results"]:
         lines += _ratio_line(result, "eager")
