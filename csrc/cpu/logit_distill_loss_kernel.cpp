@@ -127,7 +127,6 @@ T tail_slope(Divergence divergence, T beta, T p, T log_p, T q, T log_q) {
 template <typename scalar_t, typename acc_t>
 struct RowSpec {
   int64_t vocab;        // columns used
-  int64_t width;        // columns of the gradient row (the student's)
   acc_t inv_temperature;
   acc_t grad_coef;      // d loss / d row loss, divided by T
   Divergence divergence;
@@ -382,7 +381,6 @@ std::tuple<Tensor, Tensor> logit_distill_typed(
     scale = denominator == 0 ? acc_t(0) : static_cast<acc_t>(1.0 / denominator);
   }
   const RowSpec<scalar_t, acc_t> spec{vocab,
-                                      width,
                                       static_cast<acc_t>(1.0 / temperature),
                                       static_cast<acc_t>(scale / temperature),
                                       divergence,
