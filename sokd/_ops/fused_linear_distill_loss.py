@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+import sokd.reference.logit_distill_loss as reference
+
 from .. import _validation as check
-from ..reference import logit_distill_loss as reference
 from .logit_distill_loss import (
     Divergence,
     Reduction,

@@ -16,9 +16,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+import sokd.reference.logit_distill_loss as reference
+
 from .. import _validation as check
 from .._backend import _fallback_to_reference, get_backend
-from ..reference import logit_distill_loss as reference
 
 try:
     from .. import _C

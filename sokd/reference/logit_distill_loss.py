@@ -45,7 +45,8 @@ def bucket_divergence(
         torch.where(either, log_p, 0) + math.log(beta),
         torch.where(either, log_q, 0) + math.log1p(-beta),
     )
-    return (beta * _x_log_ratio(p, log_p, log_m) + (1 - beta) * _x_log_ratio(q, log_q, log_m)).sum(-1)
+    teacher_side = _x_log_ratio(p, log_p, log_m)
+    return (beta * teacher_side + (1 - beta) * _x_log_ratio(q, log_q, log_m)).sum(-1)
 
 
 def _tail(log_probs: Tensor) -> tuple[Tensor, Tensor]:
