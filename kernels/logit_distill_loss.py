@@ -10,9 +10,10 @@ With a top-k teacher the sums run over the k ids plus a tail bucket; outside the
 gradient is Q_m (a_tail sum(Q_ids) - sum(G)) with a_tail = dD / dQ_tail (0 when the student's
 tail is clamped to 0), and at id i it is G_i - Q_i (sum(G) + a_tail (1 - sum(Q_ids))).
 
-One program per row walks the vocabulary in blocks: online softmax statistics first, then the
-loss terms, then (reverse KL and JSD, whose gradient needs the row's total) the gradient;
-forward KL writes its gradient Q - P during the term pass. Offsets are 64-bit (N x V passes
+One program per row walks the vocabulary in blocks. The KLs take two passes: online softmax
+statistics together with the loss (its cross term rescaled as the maximum moves), then the
+gradient. JSD needs both normalisers before its terms, so it takes a third: statistics, terms
+and sum(G), gradient. Offsets are 64-bit (N x V passes
 2^31 elements at 16k x 128k); every sum accumulates in float32 (float64 for float64 inputs).
 
 The launcher returns the op's (loss, grad) contract: loss is the mean/sum scalar or the N row
@@ -110,42 +111,60 @@ def _dense_kernel(
         max_t = tl.full((1,), float("-inf"), ACC_TYPE)
         sum_s = tl.zeros((1,), ACC_TYPE)
         sum_t = tl.zeros((1,), ACC_TYPE)
+        # The KLs also gather sum e (x - y) here, with e the exponentials of the weighting side
+        # (the teacher for forward KL, the student for reverse KL) against its running maximum.
+        cross = tl.zeros((1,), ACC_TYPE)
         for start in range(0, vocab, BLOCK_V):
             cols = start + cols_base
             valid = cols < vocab
             u = _scaled_block(student_row, cols, valid, inv_temperature, ACC_TYPE)
             v = _scaled_block(teacher_row, cols, valid, inv_temperature, ACC_TYPE)
-            max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, u)
-            max_t, sum_t, _, _ = merge_chunk(max_t, sum_t, v)
-        lse_s = log_sum_exp(max_s, sum_s)[:, None]
-        lse_t = log_sum_exp(max_t, sum_t)[:, None]
-
-        g_total = tl.zeros((1,), ACC_TYPE)
-        for start in range(0, vocab, BLOCK_V):
-            cols = start + cols_base
-            valid = cols < vocab
-            log_q = _scaled_block(student_row, cols, valid, inv_temperature, ACC_TYPE) - lse_s
-            log_p = _scaled_block(teacher_row, cols, valid, inv_temperature, ACC_TYPE) - lse_t
-            q = tl.exp(log_q)
-            p = tl.exp(log_p)
-            term, g = _bucket_terms(p, log_p, q, log_q, beta, DIVERGENCE)
-            loss += tl.sum(term, axis=1)
-            g_total += tl.sum(g, axis=1)
-            if COMPUTE_GRAD and DIVERGENCE == 0:
-                tl.store(grad_row + cols, (coef * (q - p)).to(grad_ptr.dtype.element_ty),
-                         mask=valid)
-        if COMPUTE_GRAD and DIVERGENCE != 0:
+            max_s, sum_s, rescale_s, shift_s = merge_chunk(max_s, sum_s, u)
+            max_t, sum_t, rescale_t, shift_t = merge_chunk(max_t, sum_t, v)
+            if DIVERGENCE == 0:
+                weights = tl.exp(v - shift_t[:, None])
+                cross = cross * rescale_t + tl.sum(_x_log_ratio(weights, v, u), axis=1)
+            elif DIVERGENCE == 1:
+                weights = tl.exp(u - shift_s[:, None])
+                cross = cross * rescale_s + tl.sum(_x_log_ratio(weights, u, v), axis=1)
+        lse_s = log_sum_exp(max_s, sum_s)
+        lse_t = log_sum_exp(max_t, sum_t)
+        if DIVERGENCE == 0:
+            loss = cross / sum_t - lse_t + lse_s
+        elif DIVERGENCE == 1:
+            loss = cross / sum_s - lse_s + lse_t
+        else:
+            # JSD needs both normalisers before its terms: a second pass, and its gradient
+            # needs the row's sum(G): a third.
+            g_total = tl.zeros((1,), ACC_TYPE)
             for start in range(0, vocab, BLOCK_V):
                 cols = start + cols_base
                 valid = cols < vocab
-                log_q = _scaled_block(student_row, cols, valid, inv_temperature, ACC_TYPE) - lse_s
-                log_p = _scaled_block(teacher_row, cols, valid, inv_temperature, ACC_TYPE) - lse_t
-                q = tl.exp(log_q)
-                _, g = _bucket_terms(tl.exp(log_p), log_p, q, log_q, beta, DIVERGENCE)
-                tl.store(grad_row + cols,
-                         (coef * (g - q * g_total[:, None])).to(grad_ptr.dtype.element_ty),
-                         mask=valid)
+                log_q = _scaled_block(student_row, cols, valid, inv_temperature, ACC_TYPE)
+                log_p = _scaled_block(teacher_row, cols, valid, inv_temperature, ACC_TYPE)
+                log_q -= lse_s[:, None]
+                log_p -= lse_t[:, None]
+                term, g = _bucket_terms(tl.exp(log_p), log_p, tl.exp(log_q), log_q, beta, 2)
+                loss += tl.sum(term, axis=1)
+                g_total += tl.sum(g, axis=1)
         if COMPUTE_GRAD:
+            for start in range(0, vocab, BLOCK_V):
+                cols = start + cols_base
+                valid = cols < vocab
+                log_q = _scaled_block(student_row, cols, valid, inv_temperature, ACC_TYPE)
+                log_p = _scaled_block(teacher_row, cols, valid, inv_temperature, ACC_TYPE)
+                log_q -= lse_s[:, None]
+                log_p -= lse_t[:, None]
+                q = tl.exp(log_q)
+                if DIVERGENCE == 0:
+                    grad = q - tl.exp(log_p)
+                elif DIVERGENCE == 1:
+                    grad = tl.where(q > 0, q * (log_q - log_p - loss[:, None]), 0.0)
+                else:
+                    _, g = _bucket_terms(tl.exp(log_p), log_p, q, log_q, beta, 2)
+                    grad = g - q * g_total[:, None]
+                tl.store(grad_row + cols, (coef * grad).to(grad_ptr.dtype.element_ty),
+                         mask=valid)
             _zero_columns(grad_row, vocab, width, cols_base, BLOCK_V)
     elif COMPUTE_GRAD:
         _zero_columns(grad_row, 0, width, cols_base, BLOCK_V)

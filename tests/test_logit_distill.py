@@ -355,7 +355,8 @@ def test_triton_launcher_rows_of_length_one():
     student, teacher, _ = _case(rows=3, vocab=1)
     for divergence in DIVERGENCES:
         loss, grad = _launch(student, teacher, divergence=divergence)
-        assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+        # The KLs' loss is (v - u) - v + u here: 0 up to the rounding of the logits.
+        assert abs(loss.item()) < 1e-6 and grad.abs().max().item() < 1e-6
 
 
 # --- bad input -----------------------------------------------------------------------------
