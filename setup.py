@@ -15,7 +15,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["sokd", "sokd.reference", "sokd.integrations", "sokd.kernels"]
+PACKAGES = ["sokd", "sokd._ops", "sokd.reference", "sokd.integrations", "sokd.kernels"]
 PACKAGE_DIR = {"sokd.kernels": "kernels"}
 # Without a GPU to detect at build time: the data-centre GPUs we target, plus PTX of the newest
 # so that later architectures can JIT-compile the kernels instead of failing to launch them.

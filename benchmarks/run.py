@@ -164,6 +164,11 @@ def _measuring_command(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["--preset", "llm"]:  # its own runner: benchmarks/llm.py
+        import llm
+
+        return llm.main(argv[2:])
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.preset and step.PRESET in args.preset:

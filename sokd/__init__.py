@@ -1,6 +1,8 @@
 """sokd: Student-Oriented Knowledge Distillation (SoKD, ACM MM 2024) as fused PyTorch losses."""
 
 from . import ops
+from ._ops.fused_linear_distill_loss import FusedLinearDistillLoss
+from ._ops.logit_distill_loss import LogitDistillLoss
 from ._backend import (
     available_backends,
     built_backends,
@@ -21,8 +23,10 @@ preload()
 
 __all__ = [
     "FeaturePolicy",
+    "FusedLinearDistillLoss",
     "HeadOutput",
     "InterestHead",
+    "LogitDistillLoss",
     "PolicySample",
     "PolicySearch",
     "SoKDLoss",

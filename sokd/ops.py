@@ -7,6 +7,8 @@ import torch
 
 from . import _validation as check
 from ._backend import resolve
+from ._ops.fused_linear_distill_loss import FusedLinearDistillLoss, fused_linear_distill_loss
+from ._ops.logit_distill_loss import LogitDistillLoss, logit_distill_loss
 from .augment_ops import NUM_PRIMITIVES, draw_randomness, op_values
 from .reference.common import accumulation_dtype
 

@@ -1,0 +1,41 @@
+// Schema of sokd::logit_distill_loss (docs/algorithm.md §7). The CPU kernel registers in
+// csrc/cpu/logit_distill_loss_kernel.cpp; the CUDA impl (Triton), the fake and the autograd
+// are registered from Python in sokd/_ops/logit_distill_loss.py.
+//
+// Rows are 2-D: student_logits N x Vs, and either teacher_logits N x Vt or the top-k teacher
+// (teacher_logprobs float32/float64 N x k, teacher_indices int64 N x k). Both logits are cut to
+// their first vocab_size columns. Returns (loss, grad): loss is a scalar for reduction "mean"
+// and "sum" and N row values for "none"; grad is d loss / d student_logits for "mean" and
+// "sum", and d row_loss / d student_logits for "none", in student_logits' dtype and shape
+// (zero beyond vocab_size and on ignored rows). With with_grad=false grad is empty.
+
+#include "logit_distill_loss.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace sokd {
+
+std::tuple<at::Tensor, at::Tensor> logit_distill_loss(
+    const at::Tensor& student_logits, const std::optional<at::Tensor>& teacher_logits,
+    const std::optional<at::Tensor>& teacher_logprobs,
+    const std::optional<at::Tensor>& teacher_indices, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
+    c10::string_view reduction, const std::optional<at::Tensor>& num_items,
+    c10::SymInt vocab_size, bool with_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sokd::logit_distill_loss", "")
+                             .typed<decltype(logit_distill_loss)>();
+  return op.call(student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels,
+                 divergence, beta, temperature, ignore_index, reduction, num_items,
+                 std::move(vocab_size), with_grad);
+}
+
+}  // namespace sokd
+
+TORCH_LIBRARY_FRAGMENT(sokd, m) {
+  m.def("logit_distill_loss(Tensor student_logits, Tensor? teacher_logits, "
+        "Tensor? teacher_logprobs, Tensor? teacher_indices, Tensor? labels, str divergence, "
+        "float beta, float temperature, int ignore_index, str reduction, Tensor? num_items, "
+        "SymInt vocab_size, bool with_grad) -> (Tensor, Tensor)");
+}
