@@ -151,7 +151,8 @@ class FeaturePolicy(nn.Module):
         of mean(g^2) over all entries of g_P and g_omega, which lowers the variance of g.
 
         Returns a dict from parameter name (as in `named_parameters()`) to a detached
-        gradient; `magnitude` is absent, as M learns from the loss itself (straight-through).
+        gradient; `magnitude` is absent: M learns from the loss itself, through the
+        straight-through path that the search opens in its probes (`straight_through`).
         The estimate is unbiased for any c_phi. Nothing is written to `.grad`.
         """
         sample = self._require_sample(sample)

@@ -199,3 +199,22 @@ def test_missing_logits_or_target_is_a_clear_error():
         SoKDLoss(4, 4, logit_loss="dkd")(student, teacher, torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="teacher_feat"):
         SoKDLoss(4, 8)(student, teacher)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        ({"head_channels": 0}, ValueError, "head_channels"),
+        ({"head_channels": 2.5}, TypeError, "head_channels"),
+        ({"head_precision": "float8"}, ValueError, "head_precision"),
+    ],
+)
+def test_head_options_are_validated(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        SoKDLoss(4, 8, **kwargs)
+
+
+def test_head_width_defaults_to_a_quarter_of_the_teacher_channels():
+    assert SoKDLoss(8, 16).head.hidden_channels == 4
+    assert SoKDLoss(2, 2).head.hidden_channels == 1
+    assert SoKDLoss(8, 16, head_channels=16).head.hidden.weight.shape[0] == 48
