@@ -20,6 +20,7 @@ The head-width study repeats the SoKD runs at the authors' head width and at C/2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib.util
 import itertools
@@ -211,7 +212,13 @@ def train_student(method, config, teacher, train, seed, args, head_channels=None
             hint = F.mse_loss(criterion(feature), teacher_feature)
             loss = loss + config["w_hint"] * hint + sokd.ops.kd_loss(logits, teacher_logits, 4.0)
         elif criterion is not None:
-            out = criterion(feature, teacher_feature, logits, teacher_logits, y, augment=augment)
+            # The search's evaluations hold one policy sample; its probes need the
+            # straight-through path to M, which the student's own step never opens.
+            probe = criterion.policy.sample_held and method == "SoKD"
+            with criterion.policy.straight_through() if probe else contextlib.nullcontext():
+                out = criterion(
+                    feature, teacher_feature, logits, teacher_logits, y, augment=augment
+                )
             loss = loss + out.total
         return loss
 
@@ -375,6 +382,11 @@ def run_once(method, config, teacher, train, val, seed, args, head_channels=None
         "diagnostics": interest_diagnostics(student, criterion, teacher, val),
     }
     if isinstance(criterion, sokd.SoKDLoss) and method == "SoKD":
+        policy = criterion.policy
+        record["policy_moved"] = {
+            "M": (policy.magnitude.detach() - 0.5).abs().max().item(),
+            "P": (policy.probability.detach() - 0.5).abs().max().item(),
+        }
         record["loss_seconds"] = step_seconds(criterion, args)
         record["criterion"] = criterion
         record["head_channels"] = criterion.head.hidden_channels
@@ -443,6 +455,13 @@ def format_report(results, args):
             f"seed {seed}: {b}/{c}, p = {p:.3g}" for seed, (b, c, p) in zip(args.seeds, per_seed)
         ]
         lines.append(f"- vs {other}: " + "; ".join(cells))
+    moved = [r["policy_moved"] for r in results["runs"]["SoKD"]]
+    lines += [
+        "",
+        "SoKD's searched policy, largest move from its initial 0.5 (mean over seeds): "
+        f"M {statistics.mean(m['M'] for m in moved):.4f}, "
+        f"P {statistics.mean(m['P'] for m in moved):.4f}",
+    ]
     lines += [
         "",
         "DAM head width (SoKD, its tuned configuration):",
