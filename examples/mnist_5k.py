@@ -502,7 +502,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tuning-seed", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--teacher-epochs", type=int, default=10)
+    parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--search-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hint", type=int, choices=sorted(HINT_STAGE), default=8)

@@ -14,7 +14,8 @@ from .head import HEAD_PRECISIONS, HeadOutput, HeadPrecision, InterestHead
 from .policy import FeaturePolicy
 
 MASK_MODES = ("student", "teacher", "mutual")
-# The default head is a quarter as wide as the authors' (docs/training.md, "Head width").
+# The default head is a quarter as wide as the authors' (docs/training.md, "Head width and
+# precision"; docs/algorithm.md, departure 17).
 DEFAULT_HEAD_RATIO = 4
 LOGIT_LOSSES = ("none", "kd", "dkd", "masked")
 
@@ -59,8 +60,8 @@ class SoKDLoss(nn.Module):
         connector=None,
         policy=None,
         heat_channels=1,
-        head_channels=None,
-        head_precision="float32",
+        head_channels: int | None = None,
+        head_precision: HeadPrecision = "float32",
         mask_mode="mutual",
         logit_loss="none",
         k=8,
@@ -142,7 +143,7 @@ class SoKDLoss(nn.Module):
         - coverage: the fraction of positions with W > 0;
         - empty: the fraction of samples whose map was all zero before the fallback (mutual:
           the student's and the teacher's boxes do not meet; they then get the union);
-        - box_area: the mean area, in positions, of the boxes inside the map;
+        - box_area: the mean area, in positions, of the decoded boxes (clipped to the map);
         - peak_score: the mean heat of the top-k peaks.
         """
         decoded = {}
