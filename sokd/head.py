@@ -1,4 +1,4 @@
-"""DAM: the shared interest-detection head of SPEC section 4 (docs/algorithm.md, "DAM")."""
+"""DAM: the shared interest-detection head of SPEC section 4 (docs/algorithm.md §4)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from . import _validation as check
 # CenterNet's prior: heat starts near 0.1, so early peaks are not all saturated.
 HEAT_BIAS_INIT = -2.19
 # Boxes start 3 positions wide and high (a 3 x 3 box around each peak, the size of the peak
-# window) and can never shrink below one position: docs/algorithm.md, departure 10.
+# window) and can never shrink below one position: docs/algorithm.md §6, departure 10.
 MIN_BOX_SIZE = 1.0
 INIT_BOX_SIZE = 3.0
 
@@ -53,11 +53,11 @@ class InterestHead(nn.Module):
 
     Shapes: x is N x C x H x W (any floating dtype); the outputs are N x {heat_channels, 2, 2}
     x H x W, float32 (float64 for a float64 head). Gradients reach x and every weight.
-    docs/algorithm.md, "DAM".
+    docs/algorithm.md §4.
 
     Unlike the SPEC head, wh and offset cannot die: a ReLU there let the consistency loss
-    drive both to exactly 0 (every box one position, most mutual maps empty) with no gradient
-    to come back (docs/algorithm.md, departures 10 and 11).
+    drive both to exactly 0 (every box one position, many mutual maps empty) with no gradient
+    to come back (docs/algorithm.md §6, departures 10 and 11).
     """
 
     def __init__(

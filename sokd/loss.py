@@ -15,7 +15,7 @@ from .policy import FeaturePolicy
 
 MASK_MODES = ("student", "teacher", "mutual")
 # The default head is a quarter as wide as the authors' (docs/training.md, "Head width and
-# precision"; docs/algorithm.md, departure 17).
+# precision"; docs/algorithm.md §6, departure 17).
 DEFAULT_HEAD_RATIO = 4
 LOGIT_LOSSES = ("none", "kd", "dkd", "masked")
 

@@ -218,7 +218,7 @@ class FeaturePolicy(nn.Module):
         Only the policy search opens it, around its probes at w+- (SPEC section 3, step 3).
         Outside it the augmented map has no path to M, so whatever optimizer the student's
         loss reaches (criterion.parameters() included) sees no gradient for any policy
-        parameter and leaves the policy exactly as it is (docs/algorithm.md, departure 12).
+        parameter and leaves the policy exactly as it is (docs/algorithm.md §6, departure 12).
         """
         self._straight_through_depth += 1
         try:

@@ -1,5 +1,5 @@
 """The interest map stays informative: the diagnostics SoKDLoss logs, the fallback for an empty
-mutual map, and a real training run that must not collapse (docs/algorithm.md, departures
+mutual map, and a real training run that must not collapse (docs/algorithm.md §6, departures
 10 and 11; docs/training.md, "Reading the diagnostics")."""
 
 import pytest

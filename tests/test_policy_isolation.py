@@ -1,5 +1,5 @@
 """The policy moves only through its search: the student's optimizer, whatever it is handed,
-never changes P, omega, M or the control variate (docs/algorithm.md, departure 12)."""
+never changes P, omega, M or the control variate (docs/algorithm.md §6, departure 12)."""
 
 import copy
 
