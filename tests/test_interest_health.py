@@ -106,7 +106,6 @@ def train(model, data, epochs, extra=None, parameters=()):
             optimizer.step()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("size", [8, 16])
 def test_interest_map_does_not_collapse_in_real_training(size):
     """A student trained with SoKDLoss on real images (scikit-learn digits, hint maps of size x
