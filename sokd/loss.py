@@ -1,5 +1,7 @@
 """SoKDLoss: the whole SoKD objective of SPEC section 5 as one drop-in module."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import torch
@@ -8,17 +10,22 @@ from torch import nn
 
 from . import _validation as check
 from . import ops
-from .head import InterestHead
+from .head import HEAD_PRECISIONS, HeadOutput, HeadPrecision, InterestHead
 from .policy import FeaturePolicy
 
 MASK_MODES = ("student", "teacher", "mutual")
+# The default head is a quarter as wide as the authors' (docs/training.md, "Head width and
+# precision"; docs/algorithm.md §6, departure 17).
+DEFAULT_HEAD_RATIO = 4
 LOGIT_LOSSES = ("none", "kd", "dkd", "masked")
 
 
 @dataclass
 class SoKDOutput:
     total: torch.Tensor  # the scalar to backpropagate
-    components: dict = field(default_factory=dict)  # name -> detached scalar, for logging
+    # name -> detached scalar, for logging: the loss terms, and the interest-map diagnostics
+    # coverage, empty, box_area and peak_score (docs/training.md, "Reading the diagnostics")
+    components: dict = field(default_factory=dict)
     weight_map: torch.Tensor = None  # N x H x W spatial weights used by the feature loss
 
 
@@ -34,7 +41,13 @@ class SoKDLoss(nn.Module):
         connector: module mapping student to teacher channels; default conv1x1 + BatchNorm
             when the channel counts differ, identity otherwise.
         policy: a FeaturePolicy (default: all 36 pairs of the 9 primitives).
-        mask_mode: "mutual" (min of both count maps), "student" or "teacher".
+        mask_mode: "mutual" (min of both count maps; a sample whose mutual map is empty falls
+            back to the union, max of both), "student" or "teacher".
+        head_channels: width of each DAM head branch; default teacher_channels // 4 (at
+            least 1). The authors' head is teacher_channels wide (docs/training.md, "Head
+            width and precision").
+        head_precision: "float32", or "bfloat16"/"float16" to run the head's convolutions
+            under autocast; its outputs, the DAM loss and the peak decoding stay float32.
         logit_loss: "none", "kd", "dkd" (needs target) or "masked" (mutual class interest).
         generator: torch.Generator for the policy sample and the augmentation draws.
     """
@@ -47,6 +60,8 @@ class SoKDLoss(nn.Module):
         connector=None,
         policy=None,
         heat_channels=1,
+        head_channels: int | None = None,
+        head_precision: HeadPrecision = "float32",
         mask_mode="mutual",
         logit_loss="none",
         k=8,
@@ -83,7 +98,14 @@ class SoKDLoss(nn.Module):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.connector = connector
         self.policy = policy if policy is not None else FeaturePolicy()
-        self.head = InterestHead(teacher_channels, heat_channels)
+        if head_channels is None:
+            head_channels = max(1, teacher_channels // DEFAULT_HEAD_RATIO)
+        self.head = InterestHead(
+            teacher_channels,
+            heat_channels,
+            hidden_channels=check.positive_int(head_channels, "head_channels"),
+            precision=check.choice(head_precision, "head_precision", HEAD_PRECISIONS),
+        )
         self.teacher_channels = teacher_channels
         self.mask_mode = check.choice(mask_mode, "mask_mode", MASK_MODES)
         self.logit_loss = check.choice(logit_loss, "logit_loss", LOGIT_LOSSES)
@@ -112,16 +134,44 @@ class SoKDLoss(nn.Module):
             self.policy.resample(self.generator)
         return self.policy(teacher, self.generator)
 
-    def weight_map(self, student_head, teacher_head):
-        def count(head):
-            maps = head.heat.detach(), head.wh.detach(), head.offset.detach()
-            return ops.interest_map(*maps, k=self.k, kernel=self.kernel)[0]
+    def weight_map(
+        self, student_head: HeadOutput, teacher_head: HeadOutput
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The spatial weight map W (N x H x W float32, no gradient) of `mask_mode`, and its
+        diagnostics (detached scalars):
 
-        if self.mask_mode == "student":
-            return count(student_head)
-        if self.mask_mode == "teacher":
-            return count(teacher_head)
-        return torch.minimum(count(student_head), count(teacher_head))
+        - coverage: the fraction of positions with W > 0;
+        - empty: the fraction of samples whose map was all zero before the fallback (mutual:
+          the student's and the teacher's boxes do not meet; they then get the union);
+        - box_area: the mean area, in positions, of the decoded boxes (clipped to the map);
+        - peak_score: the mean heat of the top-k peaks.
+        """
+        decoded = {}
+        if self.mask_mode in ("student", "mutual"):
+            decoded["student"] = self._decode(student_head)
+        if self.mask_mode in ("teacher", "mutual"):
+            decoded["teacher"] = self._decode(teacher_head)
+        counts = [count for count, _, _ in decoded.values()]
+        weights = counts[0] if len(counts) == 1 else torch.minimum(*counts)
+        empty = weights.flatten(1).amax(dim=1) == 0
+        if len(counts) == 2:
+            union = torch.maximum(*counts)
+            weights = torch.where(empty[:, None, None], union, weights)
+        boxes = torch.cat([boxes for _, boxes, _ in decoded.values()], dim=1)
+        scores = torch.cat([scores for _, _, scores in decoded.values()], dim=1)
+        width = (boxes[..., 2] - boxes[..., 0] + 1).clamp_min(0)
+        height = (boxes[..., 3] - boxes[..., 1] + 1).clamp_min(0)
+        diagnostics = {
+            "coverage": (weights > 0).float().mean(),
+            "empty": empty.float().mean(),
+            "box_area": (width * height).float().mean(),
+            "peak_score": scores.float().mean(),
+        }
+        return weights, diagnostics
+
+    def _decode(self, head: HeadOutput):
+        maps = head.heat.detach(), head.wh.detach(), head.offset.detach()
+        return ops.interest_map(*maps, k=self.k, kernel=self.kernel)
 
     def forward(
         self,
@@ -154,7 +204,7 @@ class SoKDLoss(nn.Module):
         dam = F.mse_loss(
             student_head.concatenated().float(), teacher_head.concatenated().float()
         )
-        weights = self.weight_map(student_head, teacher_head)
+        weights, diagnostics = self.weight_map(student_head, teacher_head)
         feat = ops.masked_feature_loss(student, teacher, weights, self.normalize)
         components = {"feat": feat, "dam": dam}
         total = self.w_feat * feat + self.w_dam * dam
@@ -164,6 +214,7 @@ class SoKDLoss(nn.Module):
             total = total + self.w_logit * logit
         components = {name: value.detach() for name, value in components.items()}
         components["total"] = total.detach()
+        components.update(diagnostics)
         return SoKDOutput(total, components, weights)
 
     def _logit_loss(self, student_logits, teacher_logits, target, weights):

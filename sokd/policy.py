@@ -1,10 +1,12 @@
 """DAFA: the learnable augmentation policy of SPEC section 2."""
 
+from __future__ import annotations
+
 import contextlib
 import itertools
 import math
 import numbers
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +45,10 @@ class FeaturePolicy(nn.Module):
     and a selection logit (omega), plus the RELAX control variate c_phi.
 
     Each training iteration draws one sample (`resample`): a sub-policy j* and its two bits.
-    `forward` applies the active ops of j* to a teacher map with the straight-through rule,
-    so M learns from the distillation loss while P and omega learn only through RELAX.
+    `forward` applies the active ops of j* to a teacher map. Inside `straight_through()` (the
+    search's probes) the output carries the straight-through gradient to M; everywhere else it
+    carries none, so the student's own step never moves M. P and omega learn only through
+    RELAX, and c_phi only through its variance gradient: no forward pass reaches them.
     """
 
     def __init__(self, sub_policies=DEFAULT_SUB_POLICIES, temperature=0.5, eps=1e-6, hidden=100):
@@ -65,6 +69,7 @@ class FeaturePolicy(nn.Module):
         )
         self.sample = None
         self._hold_depth = 0
+        self._straight_through_depth = 0
 
     @staticmethod
     def _check_sub_policies(sub_policies):
@@ -146,7 +151,8 @@ class FeaturePolicy(nn.Module):
         of mean(g^2) over all entries of g_P and g_omega, which lowers the variance of g.
 
         Returns a dict from parameter name (as in `named_parameters()`) to a detached
-        gradient; `magnitude` is absent, as M learns from the loss itself (straight-through).
+        gradient; `magnitude` is absent: M learns from the loss itself, through the
+        straight-through path that the search opens in its probes (`straight_through`).
         The estimate is unbiased for any c_phi. Nothing is written to `.grad`.
         """
         sample = self._require_sample(sample)
@@ -204,12 +210,34 @@ class FeaturePolicy(nn.Module):
     def sample_held(self):
         return self._hold_depth > 0
 
+    @contextlib.contextmanager
+    def straight_through(self) -> Iterator[None]:
+        """Within this block `forward` gives M the straight-through gradient (SPEC section 2):
+        dL/dM_{j*k} = sum of dL/dt~ over every element, for each active op k.
+
+        Only the policy search opens it, around its probes at w+- (SPEC section 3, step 3).
+        Outside it the augmented map has no path to M, so whatever optimizer the student's
+        loss reaches (criterion.parameters() included) sees no gradient for any policy
+        parameter and leaves the policy exactly as it is (docs/algorithm.md §6, departure 12).
+        """
+        self._straight_through_depth += 1
+        try:
+            yield
+        finally:
+            self._straight_through_depth -= 1
+
+    @property
+    def straight_through_active(self) -> bool:
+        return self._straight_through_depth > 0
+
     def forward(self, x, generator=None):
-        """Apply the active sample's ops to x with the straight-through rule (draws one sample
-        first if there is none)."""
+        """Apply the active sample's ops to x (draws one sample first if there is none). The
+        result is detached from M unless `straight_through()` is open."""
         if self.sample is None:
             self.resample(generator)
         op_ids, magnitudes = self.active_ops()
         if not op_ids:
             return x.detach()
+        if not self.straight_through_active:
+            magnitudes = magnitudes.detach()
         return ops.feature_augment(x, op_ids, magnitudes, generator)

@@ -14,32 +14,63 @@ from sokd import InterestHead, SoKDLoss, ops
 def three_branch_head(head):
     """The DAM head as the paper draws it: three separate conv3x3 -> ReLU -> conv1x1 branches,
     with the weights of the fused head copied in."""
-    channels = head.channels
+    channels, hidden = head.channels, head.hidden_channels
     branches = []
     for index, name in enumerate(("heat", "wh", "offset")):
         weight = getattr(head, f"{name}_weight")
-        conv3 = nn.Conv2d(channels, channels, 3, padding=1)
-        conv1 = nn.Conv2d(channels, weight.shape[0], 1)
+        conv3 = nn.Conv2d(channels, hidden, 3, padding=1)
+        conv1 = nn.Conv2d(hidden, weight.shape[0], 1)
+        rows = slice(index * hidden, (index + 1) * hidden)
         with torch.no_grad():
-            conv3.weight.copy_(head.hidden.weight[index * channels : (index + 1) * channels])
-            conv3.bias.copy_(head.hidden.bias[index * channels : (index + 1) * channels])
+            conv3.weight.copy_(head.hidden.weight[rows])
+            conv3.bias.copy_(head.hidden.bias[rows])
             conv1.weight.copy_(weight[:, :, None, None])
             conv1.bias.copy_(getattr(head, f"{name}_bias"))
         branches.append(nn.Sequential(conv3, nn.ReLU(), conv1))
     return branches
 
 
-@pytest.mark.parametrize("heat_channels", [1, 3])
-def test_fused_head_equals_three_separate_branches(heat_channels):
+@pytest.mark.parametrize("heat_channels,hidden_channels", [(1, None), (3, None), (1, 2)])
+def test_fused_head_equals_three_separate_branches(heat_channels, hidden_channels):
     torch.manual_seed(0)
-    head = InterestHead(6, heat_channels).double()
+    head = InterestHead(6, heat_channels, hidden_channels=hidden_channels).double()
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
     heat, wh, offset = (branch.double()(x) for branch in three_branch_head(head))
     out = head(x)
     torch.testing.assert_close(out.heat, torch.sigmoid(heat))
-    torch.testing.assert_close(out.wh, F.relu(wh))
-    torch.testing.assert_close(out.offset, F.relu(offset))
+    torch.testing.assert_close(out.wh, 1 + F.softplus(wh))
+    torch.testing.assert_close(out.offset, torch.sigmoid(offset))
     assert out.heat.shape == (2, heat_channels, 5, 7)
+    assert head.hidden.weight.shape[0] == 3 * (hidden_channels or 6)
+
+
+def test_head_starts_at_centernet_prior_and_three_position_boxes():
+    head = InterestHead(8)
+    with torch.no_grad():
+        for name in ("heat", "wh", "offset"):
+            getattr(head, f"{name}_weight").zero_()
+        out = head(torch.randn(2, 8, 4, 4))
+    torch.testing.assert_close(out.heat, torch.full_like(out.heat, 1 / (1 + 2.718281828**2.19)))
+    torch.testing.assert_close(out.wh, torch.full_like(out.wh, 3.0))
+    torch.testing.assert_close(out.offset, torch.full_like(out.offset, 0.5))
+
+
+def test_bfloat16_head_runs_under_autocast_and_returns_float32():
+    torch.manual_seed(0)
+    head = InterestHead(8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    exact = head(x)
+    head.precision = "bfloat16"
+    low = head(x)
+    for name in ("heat", "wh", "offset"):
+        value = getattr(low, name)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, getattr(exact, name), rtol=0.05, atol=0.02)
+    low.concatenated().sum().backward()
+    assert x.grad is not None and head.hidden.weight.grad.dtype == torch.float32
+    head.precision = "float16"
+    with pytest.raises(ValueError, match="float16"):
+        head(x)
 
 
 def always_augmenting_loss(**kwargs):
@@ -78,7 +109,8 @@ def test_every_configuration_runs_forward_and_backward(mask_mode, logit_loss, dt
     loss = always_augmenting_loss(mask_mode=mask_mode, logit_loss=logit_loss)
     out, student, s_logits = run_step(loss, dtype)
     assert out.total.dtype == torch.float32 and torch.isfinite(out.total)
-    expected_keys = {"feat", "dam", "total"} | ({"logit"} if logit_loss != "none" else set())
+    expected_keys = {"feat", "dam", "total", "coverage", "empty", "box_area", "peak_score"}
+    expected_keys |= {"logit"} if logit_loss != "none" else set()
     assert set(out.components) == expected_keys
     assert out.weight_map.shape == (4, 8, 8)
     recomputed = 1000 * out.components["feat"] + 1000 * out.components["dam"]
@@ -91,8 +123,8 @@ def test_every_configuration_runs_forward_and_backward(mask_mode, logit_loss, dt
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     for name, parameter in loss.head.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    sample = loss.policy.sample
-    assert loss.policy.magnitude.grad[sample.index].abs().min() > 0
+    # The student's step never reaches the policy; only the search's probes do.
+    assert all(p.grad is None for p in loss.policy.parameters())
     if logit_loss != "none":
         assert s_logits.grad is not None and s_logits.grad.abs().sum() > 0
 
@@ -105,7 +137,9 @@ def test_weight_map_follows_mask_mode():
     head_s, head_t = loss.head(student), loss.head(teacher)
     count_s = ops.interest_map(*(m.detach() for m in head_s), k=8)[0]
     count_t = ops.interest_map(*(m.detach() for m in head_t), k=8)[0]
-    expected = {"student": count_s, "teacher": count_t, "mutual": torch.minimum(count_s, count_t)}
+    mutual = torch.minimum(count_s, count_t)
+    assert mutual.flatten(1).amax(1).all(), "this case tests the mutual map, not its fallback"
+    expected = {"student": count_s, "teacher": count_t, "mutual": mutual}
     for mode, count in expected.items():
         loss.mask_mode = mode
         torch.testing.assert_close(loss(student, teacher).weight_map, count)
@@ -165,3 +199,22 @@ def test_missing_logits_or_target_is_a_clear_error():
         SoKDLoss(4, 4, logit_loss="dkd")(student, teacher, torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="teacher_feat"):
         SoKDLoss(4, 8)(student, teacher)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        ({"head_channels": 0}, ValueError, "head_channels"),
+        ({"head_channels": 2.5}, TypeError, "head_channels"),
+        ({"head_precision": "float8"}, ValueError, "head_precision"),
+    ],
+)
+def test_head_options_are_validated(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        SoKDLoss(4, 8, **kwargs)
+
+
+def test_head_width_defaults_to_a_quarter_of_the_teacher_channels():
+    assert SoKDLoss(8, 16).head.hidden_channels == 4
+    assert SoKDLoss(2, 2).head.hidden_channels == 1
+    assert SoKDLoss(8, 16, head_channels=16).head.hidden.weight.shape[0] == 48

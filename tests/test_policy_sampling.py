@@ -95,6 +95,7 @@ def test_control_variate_input_is_2x_minus_1_of_the_relaxed_sample():
 
 
 def test_forward_applies_the_active_ops_with_the_straight_through_gradient():
+    """Inside straight_through(), as in the search's probes (outside it, the isolation tests)."""
     sokd.set_backend("reference")
     policy = make_policy()
     x = torch.randn(2, 3, 6, 6)
@@ -103,7 +104,8 @@ def test_forward_applies_the_active_ops_with_the_straight_through_gradient():
         sample = policy.resample(generator)
         policy.magnitude.grad = None
         state = generator.get_state()
-        out = policy(x, generator)
+        with policy.straight_through():
+            out = policy(x, generator)
         op_ids = [policy.sub_policies[sample.index][k] for k in range(2) if sample.bits[sample.index, k]]
         if not op_ids:
             assert torch.equal(out, x)
