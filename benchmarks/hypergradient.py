@@ -85,12 +85,12 @@ def magnitude_term(draw, model, mode, radius, dtype, size):
         student, criterion, objective, hypergradient=mode, radius=radius
     )
     started = time.process_time()
-    search.step(x, y, teacher_feature, teacher_logits)
+    gradients = search.step(x, y, teacher_feature, teacher_logits).policy_gradients
     seconds = time.process_time() - started
     sample = criterion.policy.sample
     if not sample.bits[sample.index].any():
         return None, seconds
-    return criterion.policy.magnitude.grad.clone(), seconds
+    return gradients["magnitude"], seconds
 
 
 def quartiles(values):

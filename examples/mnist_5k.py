@@ -20,7 +20,6 @@ The head-width study repeats the SoKD runs at the authors' head width and at C/2
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import importlib.util
 import itertools
@@ -212,13 +211,7 @@ def train_student(method, config, teacher, train, seed, args, head_channels=None
             hint = F.mse_loss(criterion(feature), teacher_feature)
             loss = loss + config["w_hint"] * hint + sokd.ops.kd_loss(logits, teacher_logits, 4.0)
         elif criterion is not None:
-            # The search's evaluations hold one policy sample; its probes need the
-            # straight-through path to M, which the student's own step never opens.
-            probe = criterion.policy.sample_held and method == "SoKD"
-            with criterion.policy.straight_through() if probe else contextlib.nullcontext():
-                out = criterion(
-                    feature, teacher_feature, logits, teacher_logits, y, augment=augment
-                )
+            out = criterion(feature, teacher_feature, logits, teacher_logits, y, augment=augment)
             loss = loss + out.total
         return loss
 

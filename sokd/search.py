@@ -32,6 +32,10 @@ class SearchStep(NamedTuple):
     train_loss: torch.Tensor  # L_train(w, alpha), detached
     val_loss: Optional[torch.Tensor]  # L_val(w') after the unrolled step, detached; None
     # from `backward` once the search is over
+    # grad alpha of this step by policy parameter name, as the policy's Adam step used it; the
+    # policy's .grad is cleared after that step, so that an optimizer the user also gave the
+    # policy (criterion.parameters()) cannot apply it a second time. None after the search.
+    policy_gradients: Optional[dict[str, torch.Tensor]] = None
 
 
 class _Evaluation(nn.Module):
@@ -226,7 +230,9 @@ class PolicySearch:
     def _search(self, batch, kwargs, student_gradients):
         self.policy.resample(self.criterion.generator)
         buffers = _BufferSnapshot(self._buffers)
-        with self.policy.hold_sample(), self._gradient_sync_paused():
+        # straight_through: the search's evaluations are the only ones that give M a gradient
+        # (docs/algorithm.md §6, departure 12).
+        with self.policy.hold_sample(), self.policy.straight_through(), self._gradient_sync_paused():
             try:
                 result, grads = self._hessian_step(batch, kwargs, buffers, student_gradients)
             finally:
@@ -234,9 +240,13 @@ class PolicySearch:
         if dist.is_available() and dist.is_initialized():
             self._average_policy_gradients()
         self.optimizer.step()
+        policy_gradients = {
+            name: parameter.grad for name, parameter in self.policy.named_parameters()
+        }
+        self.optimizer.zero_grad(set_to_none=True)
         if student_gradients:
             self._accumulate_student_gradients(grads)
-        return result
+        return result._replace(policy_gradients=policy_gradients)
 
     def _hessian_step(self, batch, kwargs, buffers, student_gradients):
         """Steps 1 to 3 of SPEC section 3: leaves grad alpha in the policy's .grad and returns
