@@ -84,9 +84,30 @@ def choice(value, name, options):
     return value
 
 
+def holds(condition, message):
+    """Raise ValueError(message) unless every entry of the bool tensor `condition` is True.
+
+    Such a check reads tensor values, so in eager mode it waits for them (a device sync on a
+    GPU). Under torch.compile it becomes an assert inside the graph instead of a Python
+    branch on data, which would break fullgraph=True; a failure there raises RuntimeError
+    with the same message."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition.all(), message)
+    elif not bool(condition.all()):
+        raise ValueError(message)
+
+
 def finite(value, name):
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf (raised because check_finite=True)")
+    holds(torch.isfinite(value), f"{name} contains NaN or Inf (raised because check_finite=True)")
+
+
+def temperature(value, name, low, high):
+    """A real number in [low, high]: the documented range of the distillation temperature."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    return float(value)
 
 
 def fraction(value, name):

@@ -74,6 +74,11 @@ def _feature_augment_fake(x, op_ids, values, draws, noise_seeds):
 
 
 def _needs_grad(*tensors):
+    """Whether the kernel must compute the input gradient. A torch.jit.trace graph replays
+    the op with the value seen while tracing, whatever its later inputs need, so a traced
+    call always computes it."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

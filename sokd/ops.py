@@ -6,19 +6,38 @@ import numbers
 import torch
 
 from . import _validation as check
+from . import reference
 from ._backend import resolve
 from .augment_ops import NUM_PRIMITIVES, draw_randomness, op_values
 from .reference.common import accumulation_dtype
 
 NORMALIZE_MODES = ("elements", "mask")
+# The documented range of the distillation temperature T. Beyond it the T^2 factor and the
+# logits / T leave the float32 range long before any use of KD needs them to.
+TEMPERATURE_RANGE = (1e-2, 1e3)
+# The largest max-pool window of interest_map. A window of 2*max(H, W) - 1 already covers the
+# whole map from every position, so larger kernels change nothing but the work.
+MAX_KERNEL = 4095
+
+
+def _backend(op, device):
+    """The backend module that runs `op`. Under torch.func transforms (grad, vmap, jacrev,
+    ...) that is always the reference: the kernel backends run as fused autograd functions,
+    which functorch cannot transform, and the reference computes the same values in plain
+    PyTorch ops, which it can (to any order)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return reference
+    return resolve(op, device)
 
 
 def masked_feature_loss(student, teacher, mask=None, normalize="elements", *, check_finite=False):
     """sum(mask^2 * (student - teacher)^2) / Z over N x C x H x W features.
 
-    mask is N x H x W (broadcast over channels) and gets no gradient. Z = N*C*H*W with
-    normalize="elements"; Z = C * sum(mask^2) with normalize="mask", where an all-zero mask
-    gives a loss of 0 and a gradient of 0. Gradients reach student and teacher.
+    mask is N x H x W (broadcast over channels) and is a constant: it gets no gradient on any
+    backend, even when it requires grad. Z = N*C*H*W with normalize="elements"; Z = C *
+    sum(mask^2) with normalize="mask", where an all-zero mask gives a loss of 0 and a gradient
+    of 0, and the result does not depend on the mask's scale (mask / max|mask| is used).
+    Gradients reach student and teacher.
     """
     check.tensor(student, "student", 4, "N x C x H x W")
     check.tensor(teacher, "teacher", 4, "N x C x H x W")
@@ -35,8 +54,20 @@ def masked_feature_loss(student, teacher, mask=None, normalize="elements", *, ch
         for value, name in ((student, "student"), (teacher, "teacher"), (mask, "mask")):
             if value is not None:
                 check.finite(value, name)
-    backend = resolve("masked_feature_loss", student.device)
+    if mask is not None:
+        mask = mask.detach()
+        if normalize == "mask":
+            # The loss is invariant to the mask's scale, but mask^2 is not representable at
+            # every scale (1e-23 squares to 0 and 1e20 to inf in float32): work with a mask
+            # whose largest entry is 1. NaN and inf entries still make the loss NaN.
+            peak = mask.abs().amax()
+            mask = mask / torch.where(peak > 0, peak, 1)
+    backend = _backend("masked_feature_loss", student.device)
     return backend.masked_feature_loss(student, teacher, mask, normalize)
+
+
+def _check_temperature(temperature):
+    return check.temperature(temperature, "temperature", *TEMPERATURE_RANGE)
 
 
 def _check_logit_pair(student_logits, teacher_logits):
@@ -57,21 +88,26 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0, weight=None, *, che
 
     Logits are N x K, or dense N x K x H x W with classes on dim 1 (one row per position).
     weight, if given, holds one non-negative weight per row (N, or N x H x W); the mean then
-    becomes sum(w * KL) / sum(w), and 0 where all weights are 0. The teacher gets no gradient.
+    becomes sum(w * KL) / sum(w), and 0 where all weights are 0. A negative weight raises
+    ValueError. temperature must lie in TEMPERATURE_RANGE. The teacher and the weights are
+    constants: they get no gradient on any backend.
     """
     _check_logit_pair(student_logits, teacher_logits)
-    temperature = check.positive_number(temperature, "temperature")
+    temperature = _check_temperature(temperature)
     if weight is not None:
         check.tensor(weight, "weight", student_logits.dim() - 1)
         check.same_device(weight, "weight", student_logits, "student_logits")
         check.shape(weight, "weight", _row_shape(student_logits), "one weight per row")
+        weight = weight.detach()
+        # NaN passes on purpose: like every NaN input it makes the loss NaN.
+        check.holds(~(weight < 0), "weight must hold non-negative row weights")
     if check_finite:
         check.finite(student_logits, "student_logits")
         check.finite(teacher_logits, "teacher_logits")
         if weight is not None:
             check.finite(weight, "weight")
-    backend = resolve("kd_loss", student_logits.device)
-    return backend.kd_loss(student_logits, teacher_logits, temperature, weight)
+    backend = _backend("kd_loss", student_logits.device)
+    return backend.kd_loss(student_logits, teacher_logits.detach(), temperature, weight)
 
 
 def decoupled_kd_loss(
@@ -100,13 +136,13 @@ def decoupled_kd_loss(
     check.shape(class_mask, "class_mask", student_logits.shape, "the shape of the logits")
     alpha = check.non_negative_number(alpha, "alpha")
     beta = check.non_negative_number(beta, "beta")
-    temperature = check.positive_number(temperature, "temperature")
+    temperature = _check_temperature(temperature)
     if check_finite:
         check.finite(student_logits, "student_logits")
         check.finite(teacher_logits, "teacher_logits")
-    backend = resolve("decoupled_kd_loss", student_logits.device)
+    backend = _backend("decoupled_kd_loss", student_logits.device)
     return backend.decoupled_kd_loss(
-        student_logits, teacher_logits, class_mask, alpha, beta, temperature
+        student_logits, teacher_logits.detach(), class_mask, alpha, beta, temperature
     )
 
 
@@ -132,10 +168,12 @@ def dkd_loss(
     check.same_device(target, "target", student_logits, "student_logits")
     check.shape(target, "target", _row_shape(student_logits), "one class index per row")
     num_classes = student_logits.shape[1]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"target must hold class indices in [0, {num_classes - 1}]")
-    class_mask = torch.zeros_like(student_logits, dtype=torch.bool)
-    class_mask.scatter_(1, target.long().unsqueeze(1), True)
+    check.holds(
+        (target >= 0) & (target < num_classes),
+        f"target must hold class indices in [0, {num_classes - 1}]",
+    )
+    classes = torch.arange(num_classes, device=target.device)
+    class_mask = target.long().unsqueeze(1) == classes.view(-1, *([1] * (target.dim() - 1)))
     return decoupled_kd_loss(
         student_logits,
         teacher_logits,
@@ -187,10 +225,12 @@ def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
     kernel = check.positive_int(kernel, "kernel")
     if kernel % 2 == 0:
         raise ValueError(f"kernel must be odd so the max-pool window is centred, got {kernel}")
+    if kernel > MAX_KERNEL:
+        raise ValueError(f"kernel must be at most {MAX_KERNEL}, got {kernel}")
     if check_finite:
         for value, name in ((heat, "heat"), (wh, "wh"), (offset, "offset")):
             check.finite(value, name)
-    backend = resolve("interest_map", heat.device)
+    backend = _backend("interest_map", heat.device)
     return backend.interest_map(heat, wh, offset, k, kernel)
 
 
@@ -216,7 +256,8 @@ class _StraightThroughAugment(torch.autograd.Function):
 def _check_op_ids(op_ids):
     if isinstance(op_ids, torch.Tensor):
         op_ids = op_ids.tolist()
-    if isinstance(op_ids, (str, bytes)) or not hasattr(op_ids, "__iter__"):
+    # A set or a mapping has no defined order, and the ops are applied in order.
+    if isinstance(op_ids, (str, bytes, set, frozenset, dict)) or not hasattr(op_ids, "__iter__"):
         raise TypeError(f"op_ids must be a sequence of ints, got {type(op_ids).__name__}")
     op_ids = tuple(op_ids)
     for op in op_ids:
@@ -254,6 +295,6 @@ def feature_augment(x, op_ids, magnitudes, generator=None, *, check_finite=False
         check.finite(magnitudes, "magnitudes")
     if not op_ids:
         return x.detach().clone()
-    augment = resolve("feature_augment", x.device).feature_augment
+    augment = _backend("feature_augment", x.device).feature_augment
     draws = draw_randomness(op_ids, x.shape, x.device, generator)
     return _StraightThroughAugment.apply(x.detach(), magnitudes, op_ids, draws, augment)
