@@ -88,12 +88,17 @@ def holds(condition, message):
     """Raise ValueError(message) unless every entry of the bool tensor `condition` is True.
 
     Such a check reads tensor values, so in eager mode it waits for them (a device sync on a
-    GPU). Under torch.compile it becomes an assert inside the graph instead of a Python
+    GPU); under torch.jit.trace it runs on the example inputs only. Under torch.compile it becomes an assert inside the graph instead of a Python
     branch on data, which would break fullgraph=True; a failure there raises RuntimeError
     with the same message."""
     if torch.compiler.is_compiling():
         torch._assert_async(condition.all(), message)
-    elif not bool(condition.all()):
+        return
+    # Under torch.func transforms (vmap has no branch on data) the check reads the plain
+    # values beneath the wrappers: every sample of a vmapped batch at once.
+    while torch._C._functorch.is_functorch_wrapped_tensor(condition):
+        condition = torch._C._functorch.get_unwrapped(condition)
+    if not bool(condition.all()):
         raise ValueError(message)
 
 

@@ -117,6 +117,12 @@ def _passes(op_ids):
 
 
 def feature_augment(x, op_ids, values, draws):
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "torch.jit.trace cannot record the native feature_augment: TorchScript has no "
+            "type for its list of optional draw tensors. Use torch.compile or torch.export, "
+            "or trace with sokd.set_backend('reference')"
+        )
     out = x
     for start, stop in _passes(op_ids):
         chunk = draws[start:stop]

@@ -193,12 +193,13 @@ def top_class_mask(teacher_logits, student_logits=None, ratio=0.2):
 
     def top_set(logits):
         chosen = logits.detach().topk(count, dim=1).indices
-        return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)
+        hits = torch.ones_like(chosen, dtype=torch.bool)
+        return torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, hits)
 
     mask = top_set(teacher_logits)
     if student_logits is not None:
         _check_logit_pair(student_logits, teacher_logits)
-        mask &= top_set(student_logits)
+        mask = mask & top_set(student_logits)
     return mask
 
 
@@ -238,11 +239,19 @@ class _StraightThroughAugment(torch.autograd.Function):
     """Forward: the augmented map. Backward: d out / d magnitude_k = 1 for every element, so
     each magnitude receives the sum of the incoming gradient (SPEC section 2)."""
 
+    # torch.func runs forward under its transforms (it is made of PyTorch ops there, as the
+    # reference backend serves every op under torch.func) and derives the vmap rule from it.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, magnitudes, op_ids, draws, augment):
+    def forward(x, magnitudes, op_ids, draws, augment):
+        return augment(x, op_ids, op_values(magnitudes, op_ids), draws)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, magnitudes, op_ids, _, _ = inputs
         ctx.magnitude_dtype = magnitudes.dtype
         ctx.num_ops = len(op_ids)
-        return augment(x, op_ids, op_values(magnitudes, op_ids), draws)
 
     @staticmethod
     def backward(ctx, grad_output):
