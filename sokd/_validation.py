@@ -88,9 +88,9 @@ def holds(condition, message):
     """Raise ValueError(message) unless every entry of the bool tensor `condition` is True.
 
     Such a check reads tensor values, so in eager mode it waits for them (a device sync on a
-    GPU); under torch.jit.trace it runs on the example inputs only. Under torch.compile it becomes an assert inside the graph instead of a Python
-    branch on data, which would break fullgraph=True; a failure there raises RuntimeError
-    with the same message."""
+    GPU); under torch.jit.trace it runs on the example inputs only. Under torch.compile it
+    becomes an assert inside the graph instead of a Python branch on data, which would break
+    fullgraph=True; a failure there raises RuntimeError with the same message."""
     if torch.compiler.is_compiling():
         torch._assert_async(condition.all(), message)
         return

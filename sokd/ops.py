@@ -27,7 +27,14 @@ def _backend(op, device):
     PyTorch ops, which it can (to any order)."""
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return reference
-    return resolve(op, device)
+    backend = resolve(op, device)
+    if torch.jit.is_tracing() and backend.__name__ == "sokd.kernels" and op.endswith("loss"):
+        raise RuntimeError(
+            f"torch.jit.trace cannot record the triton {op}: the graph would keep whether the "
+            "example inputs needed a gradient. Use torch.compile or torch.export, or trace with "
+            "the cpu, cuda or reference backend"
+        )
+    return backend
 
 
 def masked_feature_loss(student, teacher, mask=None, normalize="elements", *, check_finite=False):
@@ -231,6 +238,9 @@ def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
     if check_finite:
         for value, name in ((heat, "heat"), (wh, "wh"), (offset, "offset")):
             check.finite(value, name)
+    # From every position, a window of 2*max(H, W) - 1 already covers the whole map, so a
+    # larger one finds the same peaks: no backend is asked for more window than the map has.
+    kernel = min(kernel, 2 * max(height, width) - 1)
     backend = _backend("interest_map", heat.device)
     return backend.interest_map(heat, wh, offset, k, kernel)
 

@@ -41,7 +41,9 @@ class Net(nn.Module):
 
     def __init__(self, width, feature_channels):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.hint = nn.Sequential(
             nn.Conv2d(width, feature_channels, 3, stride=2, padding=1),
             nn.BatchNorm2d(feature_channels),
@@ -94,6 +96,11 @@ def trainable(student, criterion):
     return list(student.parameters()) + list(criterion.parameters())
 
 
+def _zeros_for_none(parameters, grads):
+    """Gradients with zeros for the parameters that got none (unused in this step)."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+
+
 def loss_and_grads(backend, student, teacher, criterion, x, y):
     """The loss and the gradients of every trainable parameter on `backend`, from the current
     state, leaving the generator and BatchNorm statistics as they were before."""
@@ -106,7 +113,7 @@ def loss_and_grads(backend, student, teacher, criterion, x, y):
     criterion.generator.set_state(generator_state)
     for buffer, saved in zip(itertools.chain(student.buffers(), criterion.buffers()), buffers):
         buffer.copy_(saved)
-    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+    return loss.detach(), _zeros_for_none(parameters, grads)
 
 
 def assert_close_grads(actual, expected, what, rtol=2e-4):
@@ -164,8 +171,7 @@ def test_autocast_bfloat16_matches_the_reference(target):
             loss = step_loss(student, teacher, criterion, x, y)
         parameters = trainable(student, criterion)
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
-        results[backend] = (loss.detach(), grads)
+        results[backend] = (loss.detach(), _zeros_for_none(parameters, grads))
     loss, grads = results[target.backend]
     expected_loss, expected_grads = results["reference"]
     assert loss.dtype == expected_loss.dtype
@@ -244,8 +250,7 @@ def test_autograd_grad_twice_on_one_graph(target):
             assert torch.equal(a, b)
     student_ref, teacher_ref, criterion_ref, _ = make_run("kd")
     _, expected = loss_and_grads("reference", student_ref, teacher_ref, criterion_ref, x, y)
-    assert_close_grads([torch.zeros_like(p) if g is None else g for p, g in zip(parameters, second)],
-                       expected, "second autograd.grad")
+    assert_close_grads(_zeros_for_none(parameters, second), expected, "second autograd.grad")
 
 
 @pytest.mark.parametrize("mode", ("no_grad", "inference_mode", "grad"))
@@ -438,4 +443,5 @@ def test_ddp_with_policy_search_matches_the_reference(target, tmp_path):
     for got, want in zip(results[target.backend]["weights"], results["reference"]["weights"]):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     for name, want in results["reference"]["policy"].items():
-        torch.testing.assert_close(results[target.backend]["policy"][name], want, rtol=1e-3, atol=1e-4)
+        got = results[target.backend]["policy"][name]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
