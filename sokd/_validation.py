@@ -54,10 +54,14 @@ def shape(value, name, expected, what):
         )
 
 
+# The range checks compare only (NaN fails every comparison): torch.compile with
+# dynamic=True may hand them symbolic floats, which math.isfinite cannot take.
+
+
 def positive_number(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
@@ -65,7 +69,7 @@ def positive_number(value, name):
 def non_negative_number(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
 

@@ -106,13 +106,14 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0, weight=None, *, che
         check.same_device(weight, "weight", student_logits, "student_logits")
         check.shape(weight, "weight", _row_shape(student_logits), "one weight per row")
         weight = weight.detach()
-        # NaN passes on purpose: like every NaN input it makes the loss NaN.
-        check.holds(~(weight < 0), "weight must hold non-negative row weights")
     if check_finite:
         check.finite(student_logits, "student_logits")
         check.finite(teacher_logits, "teacher_logits")
         if weight is not None:
             check.finite(weight, "weight")
+    if weight is not None:
+        # NaN passes on purpose: like every NaN input it makes the loss NaN.
+        check.holds(~(weight < 0), "weight must hold non-negative row weights")
     backend = _backend("kd_loss", student_logits.device)
     return backend.kd_loss(student_logits, teacher_logits.detach(), temperature, weight)
 
