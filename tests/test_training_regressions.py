@@ -362,8 +362,12 @@ def test_jit_trace_without_grad_still_backpropagates(target, name):
 # --- torch.compile ---------------------------------------------------------------------------
 
 
-def _fresh_compile(fn, **options):
+def _fresh_compile(target, fn, **options):
+    """torch.compile from a clean cache. The Triton interpreter cannot run under AOTAutograd's
+    fake tensors, so interpreted Triton compiles with Dynamo alone."""
     torch._dynamo.reset()
+    if target.interpreted:
+        options["backend"] = "eager"
     return torch.compile(fn, **options)
 
 
@@ -389,7 +393,7 @@ def test_compiled_loss_backward_with_a_smaller_last_batch(target, name):
 
     full_shape = (4, 3, 4, 5) if name == "masked_feature_loss" else (8, 5)
     with using(target.backend):
-        compiled = _fresh_compile(loss_fn)
+        compiled = _fresh_compile(target, loss_fn)
         for n in (full_shape[0], full_shape[0] - 1, full_shape[0] - 2):
             x = randn(n, *full_shape[1:], seed=n, device=target.device).requires_grad_()
             loss = compiled(x)
@@ -408,7 +412,9 @@ def test_dkd_loss_compiles_with_fullgraph(target):
     teacher = randn(8, 5, seed=1, device=target.device)
     classes = torch.arange(8, device=target.device) % 5
     with using(target.backend):
-        compiled = _fresh_compile(lambda s: ops.dkd_loss(s, teacher, classes), fullgraph=True)
+        compiled = _fresh_compile(
+            target, lambda s: ops.dkd_loss(s, teacher, classes), fullgraph=True
+        )
         student = randn(8, 5, device=target.device).requires_grad_()
         loss = compiled(student)
         loss.backward()
@@ -418,7 +424,7 @@ def test_dkd_loss_compiles_with_fullgraph(target):
         # The range check is part of the graph: a bad target still raises.
         with pytest.raises(RuntimeError, match="target"):
             compiled_bad = _fresh_compile(
-                lambda s: ops.dkd_loss(s, teacher, classes + 5), fullgraph=True
+                target, lambda s: ops.dkd_loss(s, teacher, classes + 5), fullgraph=True
             )
             compiled_bad(student)
 
@@ -437,7 +443,7 @@ def test_compiled_random_augmentation_with_a_second_batch_size(target, use_gener
 
     # Inductor's own random numbers differ from eager ones unless told to fall back to them.
     with using(target.backend), torch._inductor.config.patch(fallback_random=True):
-        compiled = _fresh_compile(augment)
+        compiled = _fresh_compile(target, augment)
         for n in (4, 3, 2):
             x = randn(n, 3, 5, 5, seed=n, device=target.device)
             generator = torch.Generator().manual_seed(n) if use_generator else None
