@@ -629,8 +629,12 @@ def test_masked_feature_loss_beyond_the_accepted_range(target):
         names = ("student", "teacher", "mask", "normalize")
         assert_same_outcome(target, call, names, "masked_feature_loss")
         unit_scale = dict(case, mask_scale=1.0)
-        if case["normalize"] == "mask" and case["mask_scale"] not in (None, 0.0):
-            # The mask-normalised loss does not depend on the mask's scale.
+        float32 = torch.finfo(torch.float32)
+        if case["normalize"] == "mask" and case["mask_scale"] is not None and (
+            float32.tiny <= case["mask_scale"] * 0.5 and case["mask_scale"] * 1.5 <= float32.max
+        ):
+            # The mask-normalised loss does not depend on the mask's scale (wherever the mask
+            # itself is representable: subnormal masks lose their shape).
             invariant = outcome(target.backend, lambda: _feature_call(unit_scale, target))
             scaled = outcome(target.backend, call)
             if invariant[0] == "ok":
