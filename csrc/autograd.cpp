@@ -11,11 +11,14 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace sokd {
 namespace {
@@ -39,13 +42,32 @@ bool holds_plain_value(const Tensor& tensor) {
 // Runs a loss kernel below autograd, saves its gradient for backward and hands that out
 // through `grad_out`. The gradient is an output of the op but not of the autograd function,
 // so it has no derivative without mark_non_differentiable, which compiled autograd rejects.
+// `differentiable` are the inputs that receive a gradient: a second backward must reach
+// them to raise (see scaled_saved_grad). They are kept as plain references, not saved
+// variables, so an in-place change of an input after forward stays allowed, as it is for
+// the reference, whose gradient does not read the inputs either.
 template <typename Kernel>
-variable_list run_fused_loss(AutogradContext* ctx, Tensor* grad_out, Kernel&& kernel) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  auto [loss, grad] = kernel();
-  ctx->save_for_backward({grad});
-  *grad_out = grad;
-  return {loss};
+variable_list run_fused_loss(AutogradContext* ctx, Tensor* grad_out,
+                             std::initializer_list<Tensor> differentiable, Kernel&& kernel) {
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, grad] = kernel();
+    ctx->save_for_backward({grad});
+    // The caller gets a view of its own, so the tensor saved here is never exposed and the
+    // storage's reference count tells whether anyone else still holds the gradient.
+    *grad_out = grad.defined() ? grad.alias() : grad;
+    ctx->saved_data["inputs"] = std::vector<Tensor>(differentiable);
+    return {loss};
+  }
+}
+
+// Whether `grad` may be handed to the caller as it is: the graph is freed after this backward
+// (no retain_graph), so nothing reads the saved gradient again, and no other tensor shares its
+// memory (the op's own gradient output, a view, is gone). A retained graph gets a fresh
+// tensor on every call, so a write through one result cannot change the next.
+bool can_hand_over(const Tensor& grad) {
+  return !torch::autograd::get_current_graph_task_keep_graph() &&
+         grad.storage().use_count() == 1;
 }
 
 // d loss / d student from the saved gradient, or an undefined tensor when it is not `needed`.
@@ -53,7 +75,12 @@ Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool nee
                          const char* op) {
   if (!needed) return {};
   Tensor grad = ctx->get_saved_variables()[0];
-  TORCH_CHECK(grad.numel() > 0, op,
+  // The inputs are needed by a second backward only; a graph that is freed now drops them.
+  const std::vector<Tensor> inputs = ctx->saved_data.at("inputs").toTensorVector();
+  if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("inputs");
+  // with_grad=False saves a 1-D empty tensor; a real gradient has the logits' or features'
+  // 2 or 4 dimensions. The rank is known under tracing, where sizes may be symbolic.
+  TORCH_CHECK(grad.dim() != 1, op,
               " ran with with_grad=False, so it saved no gradient to backpropagate; call it "
               "with with_grad=True when its inputs need gradients");
   if (at::GradMode::is_enabled()) {
@@ -65,16 +92,25 @@ Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool nee
       at::NoGradGuard no_grad;
       first_order = grad * grad_loss.to(grad.scalar_type());
     }
+    first_order.requires_grad_(true);
     const std::string message = std::string(op) +
                                 " is differentiable once: its fused kernel saves the first "
                                 "derivative only. Use the reference backend for higher-order "
                                 "gradients.";
-    return torch::autograd::DelayedError(message, 1).apply({first_order.requires_grad_(true)})[0];
+    // The error node takes the inputs as well, so that a second derivative with respect to
+    // them passes through it and raises, instead of finding them unused.
+    variable_list error_inputs{first_order};
+    for (const Tensor& input : inputs) {
+      if (input.requires_grad()) error_inputs.push_back(input);
+    }
+    return torch::autograd::DelayedError(message, static_cast<int>(error_inputs.size()))
+        .apply(std::move(error_inputs))[0];
   }
   // loss.backward() seeds 1, so the saved gradient is the answer itself. Handing it over
   // spares a full read and write and, on the CPU, the page faults of a fresh tensor. On a
   // GPU, reading the seed would cost a sync.
-  if (grad.is_cpu() && holds_plain_value(grad_loss) && grad_loss.item<double>() == 1.0) {
+  if (grad.is_cpu() && holds_plain_value(grad_loss) && grad_loss.item<double>() == 1.0 &&
+      can_hand_over(grad)) {
     return grad;
   }
   return grad * grad_loss.to(grad.scalar_type());
@@ -93,7 +129,7 @@ struct MaskedFeatureLoss : torch::autograd::Function<MaskedFeatureLoss> {
                                const Tensor& teacher, const std::optional<Tensor>& mask,
                                bool normalize_by_mask, bool with_grad, Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::masked_feature_loss");
-    return run_fused_loss(ctx, grad_out, [&] {
+    return run_fused_loss(ctx, grad_out, {student, teacher}, [&] {
       return op.call(student, teacher, mask, normalize_by_mask, with_grad);
     });
   }
@@ -117,7 +153,7 @@ struct KdLoss : torch::autograd::Function<KdLoss> {
                                const std::optional<Tensor>& weight, bool with_grad,
                                Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::kd_loss");
-    return run_fused_loss(ctx, grad_out, [&] {
+    return run_fused_loss(ctx, grad_out, {student}, [&] {
       return op.call(student, teacher, temperature, weight, with_grad);
     });
   }
@@ -137,7 +173,7 @@ struct DecoupledKdLoss : torch::autograd::Function<DecoupledKdLoss> {
                                double beta, double temperature, bool with_grad,
                                Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::decoupled_kd_loss");
-    return run_fused_loss(ctx, grad_out, [&] {
+    return run_fused_loss(ctx, grad_out, {student}, [&] {
       return op.call(student, teacher, class_mask, alpha, beta, temperature, with_grad);
     });
   }

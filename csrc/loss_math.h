@@ -24,6 +24,12 @@ struct StridedRow {
   C10_HOST_DEVICE acc_t teacher(int64_t j) const {
     return static_cast<acc_t>(teacher_data[j * stride]) * inv_temperature;
   }
+  C10_HOST_DEVICE acc_t raw_student(int64_t j) const {
+    return static_cast<acc_t>(student_data[j * stride]);
+  }
+  C10_HOST_DEVICE acc_t raw_teacher(int64_t j) const {
+    return static_cast<acc_t>(teacher_data[j * stride]);
+  }
   C10_HOST_DEVICE bool in_set(int64_t j) const { return mask_data[j * stride]; }
   C10_HOST_DEVICE void store_grad(int64_t j, acc_t value) const {
     grad_data[j * stride] = static_cast<scalar_t>(value);
@@ -51,30 +57,37 @@ C10_HOST_DEVICE inline V kd_row_divergence(V sum_s, V sum_t, V cross) {
 }
 
 // Temperature KD over one row (or, with Vectorized V, over a group of rows side by side).
-// Row provides student(j) and teacher(j) as V, already divided by the temperature, and
+// Row provides raw_student(j) and raw_teacher(j) as V, its inv_temperature, and
 // store_grad(j, V). Writes grad_coef * (p_s - p_t) when with_grad; returns the row's KL.
+//
+// The shifted logits are (x - max x) / T rather than x / T - max(x / T): the same up to
+// rounding, but exactly 0 at the maximum, where a compiler's fused multiply-add of
+// x * (1/T) - m is not. With one class that is the whole row, whose KL must be exactly 0.
 template <typename V, typename Row>
 C10_HOST_DEVICE inline V kd_row(const Row& row, int64_t classes, V grad_coef, bool with_grad) {
   using M = MathOps<V>;
+  const V inv_temperature(row.inv_temperature);
   V max_s(M::lowest()), max_t(M::lowest());
   for (int64_t j = 0; j < classes; ++j) {
-    max_s = M::max(max_s, row.student(j));
-    max_t = M::max(max_t, row.teacher(j));
+    max_s = M::max(max_s, row.raw_student(j));
+    max_t = M::max(max_t, row.raw_teacher(j));
   }
   V sum_s(0), sum_t(0), cross(0);
   for (int64_t j = 0; j < classes; ++j) {
-    V zs = row.student(j) - max_s, zt = row.teacher(j) - max_t;
+    V zs = (row.raw_student(j) - max_s) * inv_temperature;
+    V zt = (row.raw_teacher(j) - max_t) * inv_temperature;
     V et = M::exp(zt);
     sum_s = sum_s + M::exp(zs);
     sum_t = sum_t + et;
     cross = cross + et * (zt - zs);
   }
   if (with_grad) {
-    V shift_s = max_s + M::log(sum_s);
-    V shift_t = max_t + M::log(sum_t);
+    V log_sum_s = M::log(sum_s);
+    V log_sum_t = M::log(sum_t);
     for (int64_t j = 0; j < classes; ++j) {
-      row.store_grad(j, grad_coef * (M::exp(row.student(j) - shift_s) -
-                                     M::exp(row.teacher(j) - shift_t)));
+      V zs = (row.raw_student(j) - max_s) * inv_temperature;
+      V zt = (row.raw_teacher(j) - max_t) * inv_temperature;
+      row.store_grad(j, grad_coef * (M::exp(zs - log_sum_s) - M::exp(zt - log_sum_t)));
     }
   }
   return kd_row_divergence(sum_s, sum_t, cross);

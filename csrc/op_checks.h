@@ -7,6 +7,11 @@
 
 namespace sokd {
 
+// The largest max-pool window of interest_map (sokd.ops.MAX_KERNEL): any window of
+// 2 * max(H, W) - 1 or more already covers the whole map, and bounding it keeps every
+// kernel's work estimate and window arithmetic far from overflow.
+constexpr int64_t kMaxKernel = 4095;
+
 inline void check_floating(const at::Tensor& value, const char* name) {
   auto dtype = value.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -107,8 +112,8 @@ inline void check_interest_inputs(const at::Tensor& heat, const at::Tensor& wh,
   const int64_t candidates = heat.size(1) * heat.size(2) * heat.size(3);
   TORCH_CHECK(k >= 1 && k <= candidates, "k must be in [1, heat_channels*H*W = ", candidates,
               "], got ", k);
-  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, "kernel must be a positive odd number, got ",
-              kernel);
+  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1 && kernel <= kMaxKernel,
+              "kernel must be a positive odd number of at most ", kMaxKernel, ", got ", kernel);
 }
 
 }  // namespace sokd

@@ -54,10 +54,14 @@ def shape(value, name, expected, what):
         )
 
 
+# The range checks compare only (NaN fails every comparison): torch.compile with
+# dynamic=True may hand them symbolic floats, which math.isfinite cannot take.
+
+
 def positive_number(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
@@ -65,7 +69,7 @@ def positive_number(value, name):
 def non_negative_number(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
 
@@ -84,9 +88,35 @@ def choice(value, name, options):
     return value
 
 
+def holds(condition, message):
+    """Raise ValueError(message) unless every entry of the bool tensor `condition` is True.
+
+    Such a check reads tensor values, so in eager mode it waits for them (a device sync on a
+    GPU); under torch.jit.trace it runs on the example inputs only. Under torch.compile it
+    becomes an assert inside the graph instead of a Python branch on data, which would break
+    fullgraph=True; a failure there raises RuntimeError with the same message."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition.all(), message)
+        return
+    # Under torch.func transforms (vmap has no branch on data) the check reads the plain
+    # values beneath the wrappers: every sample of a vmapped batch at once.
+    while torch._C._functorch.is_functorch_wrapped_tensor(condition):
+        condition = torch._C._functorch.get_unwrapped(condition)
+    if not bool(condition.all()):
+        raise ValueError(message)
+
+
 def finite(value, name):
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf (raised because check_finite=True)")
+    holds(torch.isfinite(value), f"{name} contains NaN or Inf (raised because check_finite=True)")
+
+
+def temperature(value, name, low, high):
+    """A real number in [low, high]: the documented range of the distillation temperature."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    return float(value)
 
 
 def fraction(value, name):

@@ -71,19 +71,25 @@ def draw_randomness(op_ids, shape, device, generator=None):
     (a Python int), or None for the deterministic ops."""
     n, c, h, w = shape
     draw_device = generator.device if generator is not None else torch.device(device)
+    # generator=None is left out rather than passed: the random ops' generator overloads do
+    # not take symbolic sizes, which torch.compile uses once the batch size changes.
+    random = {"device": draw_device}
+    if generator is not None:
+        random["generator"] = generator
     draws = []
     for op in op_ids:
         if op == CUTOUT:
-            ys = torch.randint(0, h, (n,), generator=generator, device=draw_device)
-            xs = torch.randint(0, w, (n,), generator=generator, device=draw_device)
+            ys = torch.randint(0, h, (n,), **random)
+            xs = torch.randint(0, w, (n,), **random)
             draws.append(torch.stack((ys, xs), dim=1).to(device))
         elif op == CHANNEL_SHUFFLE:
-            keys = torch.rand((n, c), generator=generator, device=draw_device)
+            keys = torch.rand((n, c), dtype=torch.float32, **random)
             draws.append(torch.argsort(keys, dim=1).to(device))
         elif op == CHANNEL_DROP:
-            draws.append(torch.rand((n, c), generator=generator, device=draw_device).to(device))
+            # float32 whatever torch.get_default_dtype() is: the kernels read float32 draws.
+            draws.append(torch.rand((n, c), dtype=torch.float32, **random).to(device))
         elif op == NOISE:
-            seed = torch.randint(0, _NOISE_SEED_BOUND, (1,), generator=generator, device=draw_device)
+            seed = torch.randint(0, _NOISE_SEED_BOUND, (1,), **random)
             draws.append(int(seed.item()))
         else:
             draws.append(None)

@@ -117,13 +117,29 @@ class SoKDLoss(nn.Module):
         self.w_feat = check.non_negative_number(w_feat, "w_feat")
         self.w_dam = check.non_negative_number(w_dam, "w_dam")
         self.w_logit = check.non_negative_number(w_logit, "w_logit")
-        self.temperature = check.positive_number(temperature, "temperature")
+        self.temperature = check.temperature(temperature, "temperature", *ops.TEMPERATURE_RANGE)
         self.alpha = check.non_negative_number(alpha, "alpha")
         self.beta = check.non_negative_number(beta, "beta")
         self.class_ratio = check.fraction(class_ratio, "class_ratio")
         self.mutual_classes = check.boolean(mutual_classes, "mutual_classes")
         self.generator = generator
         self.check_finite = check.boolean(check_finite, "check_finite")
+
+    def get_extra_state(self):
+        """The state of `generator`, so that a run restored from state_dict draws the same
+        policy samples and augmentations as the run that saved it."""
+        return {"generator": None if self.generator is None else self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        saved = state["generator"]
+        if (saved is None) != (self.generator is None):
+            raise ValueError(
+                "state_dict was saved from a SoKDLoss "
+                f"{'without' if saved is None else 'with'} a generator, but this one has "
+                f"{'one' if saved is None else 'none'}"
+            )
+        if saved is not None:
+            self.generator.set_state(saved)
 
     def teacher_view(self, teacher_feat, augment):
         """The teacher map the student learns from: t~ when augmenting, else t (detached)."""
@@ -222,6 +238,7 @@ class SoKDLoss(nn.Module):
             raise ValueError(
                 f"logit_loss={self.logit_loss!r} needs student_logits and teacher_logits"
             )
+        check.tensor(student_logits, "student_logits", (2, 4), "N x K or dense N x K x H x W")
         check.tensor(teacher_logits, "teacher_logits", (2, 4), "N x K or dense N x K x H x W")
         teacher_logits = teacher_logits.detach().to(student_logits.dtype)
         if self.logit_loss == "kd":
@@ -230,17 +247,35 @@ class SoKDLoss(nn.Module):
                 row_weights = F.interpolate(
                     weights[:, None], size=student_logits.shape[2:], mode="nearest"
                 )[:, 0]
-            return ops.kd_loss(student_logits, teacher_logits, self.temperature, row_weights)
+            return ops.kd_loss(
+                student_logits,
+                teacher_logits,
+                self.temperature,
+                row_weights,
+                check_finite=self.check_finite,
+            )
         if self.logit_loss == "dkd":
             if target is None:
                 raise ValueError("logit_loss='dkd' needs target (the class indices)")
             return ops.dkd_loss(
-                student_logits, teacher_logits, target, self.alpha, self.beta, self.temperature
+                student_logits,
+                teacher_logits,
+                target,
+                self.alpha,
+                self.beta,
+                self.temperature,
+                check_finite=self.check_finite,
             )
         student_for_mask = student_logits if self.mutual_classes else None
         class_mask = ops.top_class_mask(teacher_logits, student_for_mask, self.class_ratio)
         return ops.decoupled_kd_loss(
-            student_logits, teacher_logits, class_mask, self.alpha, self.beta, self.temperature
+            student_logits,
+            teacher_logits,
+            class_mask,
+            self.alpha,
+            self.beta,
+            self.temperature,
+            check_finite=self.check_finite,
         )
 
     @classmethod

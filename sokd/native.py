@@ -74,6 +74,11 @@ def _feature_augment_fake(x, op_ids, values, draws, noise_seeds):
 
 
 def _needs_grad(*tensors):
+    """Whether the kernel must compute the input gradient. A torch.jit.trace graph replays
+    the op with the value seen while tracing, whatever its later inputs need, so a traced
+    call always computes it."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -112,6 +117,12 @@ def _passes(op_ids):
 
 
 def feature_augment(x, op_ids, values, draws):
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "torch.jit.trace cannot record the native feature_augment: TorchScript has no "
+            "type for its list of optional draw tensors. Use torch.compile or torch.export, "
+            "or trace with sokd.set_backend('reference')"
+        )
     out = x
     for start, stop in _passes(op_ids):
         chunk = draws[start:stop]

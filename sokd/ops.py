@@ -6,6 +6,7 @@ import numbers
 import torch
 
 from . import _validation as check
+from . import reference
 from ._backend import resolve
 from ._ops.fused_linear_distill_loss import FusedLinearDistillLoss, fused_linear_distill_loss
 from ._ops.logit_distill_loss import LogitDistillLoss, logit_distill_loss
@@ -13,14 +14,39 @@ from .augment_ops import NUM_PRIMITIVES, draw_randomness, op_values
 from .reference.common import accumulation_dtype
 
 NORMALIZE_MODES = ("elements", "mask")
+# The documented range of the distillation temperature T. Beyond it the T^2 factor and the
+# logits / T leave the float32 range long before any use of KD needs them to.
+TEMPERATURE_RANGE = (1e-2, 1e3)
+# The largest max-pool window of interest_map. A window of 2*max(H, W) - 1 already covers the
+# whole map from every position, so larger kernels change nothing but the work.
+MAX_KERNEL = 4095
+
+
+def _backend(op, device):
+    """The backend module that runs `op`. Under torch.func transforms (grad, vmap, jacrev,
+    ...) that is always the reference: the kernel backends run as fused autograd functions,
+    which functorch cannot transform, and the reference computes the same values in plain
+    PyTorch ops, which it can (to any order)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return reference
+    backend = resolve(op, device)
+    if torch.jit.is_tracing() and backend.__name__ == "sokd.kernels" and op.endswith("loss"):
+        raise RuntimeError(
+            f"torch.jit.trace cannot record the triton {op}: the graph would keep whether the "
+            "example inputs needed a gradient. Use torch.compile or torch.export, or trace with "
+            "the cpu, cuda or reference backend"
+        )
+    return backend
 
 
 def masked_feature_loss(student, teacher, mask=None, normalize="elements", *, check_finite=False):
     """sum(mask^2 * (student - teacher)^2) / Z over N x C x H x W features.
 
-    mask is N x H x W (broadcast over channels) and gets no gradient. Z = N*C*H*W with
-    normalize="elements"; Z = C * sum(mask^2) with normalize="mask", where an all-zero mask
-    gives a loss of 0 and a gradient of 0. Gradients reach student and teacher.
+    mask is N x H x W (broadcast over channels) and is a constant: it gets no gradient on any
+    backend, even when it requires grad. Z = N*C*H*W with normalize="elements"; Z = C *
+    sum(mask^2) with normalize="mask", where an all-zero mask gives a loss of 0 and a gradient
+    of 0, and the result does not depend on the mask's scale (mask / max|mask| is used).
+    Gradients reach student and teacher.
     """
     check.tensor(student, "student", 4, "N x C x H x W")
     check.tensor(teacher, "teacher", 4, "N x C x H x W")
@@ -37,8 +63,20 @@ def masked_feature_loss(student, teacher, mask=None, normalize="elements", *, ch
         for value, name in ((student, "student"), (teacher, "teacher"), (mask, "mask")):
             if value is not None:
                 check.finite(value, name)
-    backend = resolve("masked_feature_loss", student.device)
+    if mask is not None:
+        mask = mask.detach()
+        if normalize == "mask":
+            # The loss is invariant to the mask's scale, but mask^2 is not representable at
+            # every scale (1e-23 squares to 0 and 1e20 to inf in float32): work with a mask
+            # whose largest entry is 1. NaN and inf entries still make the loss NaN.
+            peak = mask.abs().amax()
+            mask = mask / torch.where(peak > 0, peak, 1)
+    backend = _backend("masked_feature_loss", student.device)
     return backend.masked_feature_loss(student, teacher, mask, normalize)
+
+
+def _check_temperature(temperature):
+    return check.temperature(temperature, "temperature", *TEMPERATURE_RANGE)
 
 
 def _check_logit_pair(student_logits, teacher_logits):
@@ -59,21 +97,27 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0, weight=None, *, che
 
     Logits are N x K, or dense N x K x H x W with classes on dim 1 (one row per position).
     weight, if given, holds one non-negative weight per row (N, or N x H x W); the mean then
-    becomes sum(w * KL) / sum(w), and 0 where all weights are 0. The teacher gets no gradient.
+    becomes sum(w * KL) / sum(w), and 0 where all weights are 0. A negative weight raises
+    ValueError. temperature must lie in TEMPERATURE_RANGE. The teacher and the weights are
+    constants: they get no gradient on any backend.
     """
     _check_logit_pair(student_logits, teacher_logits)
-    temperature = check.positive_number(temperature, "temperature")
+    temperature = _check_temperature(temperature)
     if weight is not None:
         check.tensor(weight, "weight", student_logits.dim() - 1)
         check.same_device(weight, "weight", student_logits, "student_logits")
         check.shape(weight, "weight", _row_shape(student_logits), "one weight per row")
+        weight = weight.detach()
     if check_finite:
         check.finite(student_logits, "student_logits")
         check.finite(teacher_logits, "teacher_logits")
         if weight is not None:
             check.finite(weight, "weight")
-    backend = resolve("kd_loss", student_logits.device)
-    return backend.kd_loss(student_logits, teacher_logits, temperature, weight)
+    if weight is not None:
+        # NaN passes on purpose: like every NaN input it makes the loss NaN.
+        check.holds(~(weight < 0), "weight must hold non-negative row weights")
+    backend = _backend("kd_loss", student_logits.device)
+    return backend.kd_loss(student_logits, teacher_logits.detach(), temperature, weight)
 
 
 def decoupled_kd_loss(
@@ -102,13 +146,13 @@ def decoupled_kd_loss(
     check.shape(class_mask, "class_mask", student_logits.shape, "the shape of the logits")
     alpha = check.non_negative_number(alpha, "alpha")
     beta = check.non_negative_number(beta, "beta")
-    temperature = check.positive_number(temperature, "temperature")
+    temperature = _check_temperature(temperature)
     if check_finite:
         check.finite(student_logits, "student_logits")
         check.finite(teacher_logits, "teacher_logits")
-    backend = resolve("decoupled_kd_loss", student_logits.device)
+    backend = _backend("decoupled_kd_loss", student_logits.device)
     return backend.decoupled_kd_loss(
-        student_logits, teacher_logits, class_mask, alpha, beta, temperature
+        student_logits, teacher_logits.detach(), class_mask, alpha, beta, temperature
     )
 
 
@@ -134,10 +178,12 @@ def dkd_loss(
     check.same_device(target, "target", student_logits, "student_logits")
     check.shape(target, "target", _row_shape(student_logits), "one class index per row")
     num_classes = student_logits.shape[1]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"target must hold class indices in [0, {num_classes - 1}]")
-    class_mask = torch.zeros_like(student_logits, dtype=torch.bool)
-    class_mask.scatter_(1, target.long().unsqueeze(1), True)
+    check.holds(
+        (target >= 0) & (target < num_classes),
+        f"target must hold class indices in [0, {num_classes - 1}]",
+    )
+    classes = torch.arange(num_classes, device=target.device)
+    class_mask = target.long().unsqueeze(1) == classes.view(-1, *([1] * (target.dim() - 1)))
     return decoupled_kd_loss(
         student_logits,
         teacher_logits,
@@ -157,12 +203,13 @@ def top_class_mask(teacher_logits, student_logits=None, ratio=0.2):
 
     def top_set(logits):
         chosen = logits.detach().topk(count, dim=1).indices
-        return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)
+        hits = torch.ones_like(chosen, dtype=torch.bool)
+        return torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, hits)
 
     mask = top_set(teacher_logits)
     if student_logits is not None:
         _check_logit_pair(student_logits, teacher_logits)
-        mask &= top_set(student_logits)
+        mask = mask & top_set(student_logits)
     return mask
 
 
@@ -189,10 +236,15 @@ def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
     kernel = check.positive_int(kernel, "kernel")
     if kernel % 2 == 0:
         raise ValueError(f"kernel must be odd so the max-pool window is centred, got {kernel}")
+    if kernel > MAX_KERNEL:
+        raise ValueError(f"kernel must be at most {MAX_KERNEL}, got {kernel}")
     if check_finite:
         for value, name in ((heat, "heat"), (wh, "wh"), (offset, "offset")):
             check.finite(value, name)
-    backend = resolve("interest_map", heat.device)
+    # From every position, a window of 2*max(H, W) - 1 already covers the whole map, so a
+    # larger one finds the same peaks: no backend is asked for more window than the map has.
+    kernel = min(kernel, 2 * max(height, width) - 1)
+    backend = _backend("interest_map", heat.device)
     return backend.interest_map(heat, wh, offset, k, kernel)
 
 
@@ -200,11 +252,19 @@ class _StraightThroughAugment(torch.autograd.Function):
     """Forward: the augmented map. Backward: d out / d magnitude_k = 1 for every element, so
     each magnitude receives the sum of the incoming gradient (SPEC section 2)."""
 
+    # torch.func runs forward under its transforms (it is made of PyTorch ops there, as the
+    # reference backend serves every op under torch.func) and derives the vmap rule from it.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, magnitudes, op_ids, draws, augment):
+    def forward(x, magnitudes, op_ids, draws, augment):
+        return augment(x, op_ids, op_values(magnitudes, op_ids), draws)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, magnitudes, op_ids, _, _ = inputs
         ctx.magnitude_dtype = magnitudes.dtype
         ctx.num_ops = len(op_ids)
-        return augment(x, op_ids, op_values(magnitudes, op_ids), draws)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -218,7 +278,8 @@ class _StraightThroughAugment(torch.autograd.Function):
 def _check_op_ids(op_ids):
     if isinstance(op_ids, torch.Tensor):
         op_ids = op_ids.tolist()
-    if isinstance(op_ids, (str, bytes)) or not hasattr(op_ids, "__iter__"):
+    # A set or a mapping has no defined order, and the ops are applied in order.
+    if isinstance(op_ids, (str, bytes, set, frozenset, dict)) or not hasattr(op_ids, "__iter__"):
         raise TypeError(f"op_ids must be a sequence of ints, got {type(op_ids).__name__}")
     op_ids = tuple(op_ids)
     for op in op_ids:
@@ -256,6 +317,6 @@ def feature_augment(x, op_ids, magnitudes, generator=None, *, check_finite=False
         check.finite(magnitudes, "magnitudes")
     if not op_ids:
         return x.detach().clone()
-    augment = resolve("feature_augment", x.device).feature_augment
+    augment = _backend("feature_augment", x.device).feature_augment
     draws = draw_randomness(op_ids, x.shape, x.device, generator)
     return _StraightThroughAugment.apply(x.detach(), magnitudes, op_ids, draws, augment)

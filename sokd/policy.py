@@ -97,6 +97,11 @@ class FeaturePolicy(nn.Module):
         u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
         return (self.eps + (1 - self.eps) * u).to(self.probability.device)
 
+    # The sample and the ops it applies (forward) run outside torch.compile graphs: the drawn
+    # sub-policy decides which ops run, so a graph tracing it would be specialised to one draw
+    # and recompiled for the next. Left out, a compiled SoKDLoss keeps a fixed set of graphs
+    # around this step, whatever the policy draws.
+    @torch.compiler.disable
     @torch.no_grad()
     def resample(self, generator=None):
         """Draw a new sample (SPEC section 2) from `generator` and make it the active one."""
@@ -230,6 +235,7 @@ class FeaturePolicy(nn.Module):
     def straight_through_active(self) -> bool:
         return self._straight_through_depth > 0
 
+    @torch.compiler.disable
     def forward(self, x, generator=None):
         """Apply the active sample's ops to x (draws one sample first if there is none). The
         result is detached from M unless `straight_through()` is open."""

@@ -7,6 +7,8 @@ dimensions, K = 1 and 2, k = heat_channels*H*W, all-zero and all-one masks, empt
 class masks, tied peaks, boxes that touch the borders and centres pushed outside the map.
 """
 
+import math
+
 import pytest
 import torch
 from backend_matrix import (
@@ -372,5 +374,397 @@ def test_feature_augment_matches_reference(target):
         out, grad = run(target.backend)
         assert_matches(out, expected_out, f"feature_augment{case['op_ids']}")
         assert_matches(grad, expected_grad, f"feature_augment{case['op_ids']} magnitude gradient")
+
+    check()
+
+
+# --- beyond the accepted range ---------------------------------------------------------------
+#
+# Arguments drawn across each op's accepted range and past it: kernel sizes, k, temperatures,
+# weights, alpha and beta, mask scales, ratios, op ids and magnitudes, shapes with zero-size
+# dimensions, integer and bool dtypes, non-finite values, every memory layout. For every draw a
+# backend either raises the reference's ValueError or TypeError, whose message names the
+# argument, or returns the reference's values (NaN where the reference has NaN). Any other
+# exception, a crash or a hang fails the test.
+
+# Mostly floating types, so that most draws reach the kernels.
+ANY_DTYPE = st.sampled_from(
+    [torch.float32, torch.float64, torch.float16, torch.bfloat16] * 3 + [torch.int64, torch.bool]
+)
+
+
+@st.composite
+def wide_shape(draw, dims):
+    """Sizes drawn from `dims` (strategies), one of them 0 in about one draw of eight."""
+    shape = [draw(dim) for dim in dims]
+    if draw(st.integers(0, 7)) == 0:
+        shape[draw(st.integers(0, len(shape) - 1))] = 0
+    return tuple(shape)
+
+
+@st.composite
+def mostly(draw, accepted, rejected):
+    """A value from `accepted` in two draws of three, else one from `rejected`."""
+    return draw(accepted if draw(st.integers(0, 2)) else rejected)
+
+
+WIDE_TEMPERATURES = mostly(
+    st.one_of(st.sampled_from([1e-2, 0.5, 4.0, 1e3]), st.floats(1e-2, 1e3)),
+    st.sampled_from([0.0, -1.0, 1e-30, 1e-3, 1e4, 1e30, float("nan"), float("inf"), True, "4"]),
+)
+WIDE_COEFFICIENTS = mostly(
+    st.sampled_from([0.0, 0.5, 1.0, 8.0, 1e6]), st.sampled_from([-1.0, float("nan"), float("inf")])
+)
+VALUE_SCALES = st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 30.0, 1e4])
+POISON = st.sampled_from([None, float("nan"), float("inf"), -float("inf")])
+
+
+def beyond_budget(target, compiled_examples):
+    """Most draws here are cheap rejections, but interpreted Triton pays seconds for each one
+    that runs: a handful there, the full budget elsewhere."""
+    return 6 if target.interpreted else compiled_examples
+
+
+def _with_poison(values, poison, seed):
+    """values with one drawn entry set to a non-finite value (or unchanged for None)."""
+    if poison is None or values.numel() == 0:
+        return values
+    values = values.clone()
+    values.view(-1)[seed % values.numel()] = poison
+    return values
+
+
+def _cast(values, dtype, layout, device):
+    if dtype in (torch.int64, torch.bool):
+        return values.to(device=device, dtype=dtype)
+    return place(values, dtype, layout, device)
+
+
+def outcome(backend, call):
+    """("ok", result) or ("raised", type, message) for ValueError/TypeError."""
+    with using(backend):
+        try:
+            return ("ok", call())
+        except (ValueError, TypeError) as error:
+            return ("raised", type(error), str(error))
+
+
+def assert_same_outcome(target, call, names, what, natural_scale=0.0, rejected=None):
+    """The target does what the reference does: the same ValueError/TypeError, naming one of
+    `names`, or the same values. `rejected` (when known) says whether the draw holds an
+    argument outside the documented range, which must raise."""
+    expected = outcome("reference", call)
+    actual = outcome(target.backend, call)
+    if rejected is not None:
+        assert (expected[0] == "raised") == rejected, f"{what}: rejected={rejected}: {expected}"
+    if expected[0] == "raised":
+        assert actual[0] == "raised", f"{what}: reference raised {expected[1:]}, target returned"
+        assert actual[1:] == expected[1:], f"{what}: {actual[1:]} != {expected[1:]}"
+        assert any(name in expected[2] for name in names), f"{what}: unnamed: {expected[2]}"
+        return
+    assert actual[0] == "ok", f"{what}: target raised {actual[1:]}, reference returned"
+    results = actual[1] if isinstance(actual[1], tuple) else (actual[1],)
+    references = expected[1] if isinstance(expected[1], tuple) else (expected[1],)
+    for index, (value, reference) in enumerate(zip(results, references)):
+        assert_matches(value, reference, f"{what} output {index}", natural_scale)
+
+
+@st.composite
+def wide_logit_cases(draw):
+    classes = st.sampled_from([1, 2, 5])
+    dense = draw(st.booleans())
+    if dense:
+        shape = draw(wide_shape((st.integers(1, 3), classes, st.integers(1, 2), st.just(2))))
+    else:
+        shape = draw(wide_shape((st.integers(1, 3), classes)))
+    seed = draw(SEEDS)
+    scale = draw(VALUE_SCALES)
+    layouts = LAYOUTS_4D if dense else LAYOUTS_2D
+    return {
+        "shape": shape,
+        "seed": seed,
+        "scale": scale,
+        "student": _with_poison(normal(shape, seed, scale), draw(POISON), seed),
+        "teacher": normal(shape, seed + 1, scale),
+        "dtype": draw(ANY_DTYPE),
+        "layout": draw(st.sampled_from(layouts)),
+        "temperature": draw(WIDE_TEMPERATURES),
+        "weight_style": draw(st.sampled_from([None, None, "uniform", "uniform", "negative", "zeros",
+                                              "nan", "wrong shape"])),
+        "alpha": draw(WIDE_COEFFICIENTS),
+        "beta": draw(WIDE_COEFFICIENTS),
+        "target_offset": draw(mostly(st.just(0), st.sampled_from([-1, 1]))),
+    }
+
+
+def _wide_logits(case, device):
+    student = _cast(case["student"], case["dtype"], case["layout"], device)
+    teacher = _cast(case["teacher"], case["dtype"], case["layout"], device)
+    return student, teacher
+
+
+def _wide_weight(case, device):
+    rows = (case["shape"][0],) + case["shape"][2:]
+    style = case["weight_style"]
+    if style is None:
+        return None
+    if style == "wrong shape":
+        return torch.ones((rows[0] + 1,) + rows[1:], device=device)
+    values = {"uniform": uniform(rows, case["seed"] + 3), "zeros": torch.zeros(rows),
+              "negative": uniform(rows, case["seed"] + 3) - 0.5,
+              "nan": _with_poison(uniform(rows, case["seed"] + 3), float("nan"), 0)}[style]
+    return values.to(device=device, dtype=torch.float32)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _logits_rejected(case):
+    """Whether the draw's logits or temperature lie outside what kd_loss accepts."""
+    temperature = case["temperature"]
+    return (
+        0 in case["shape"]
+        or case["dtype"] in (torch.int64, torch.bool)
+        or not (_is_real(temperature) and 1e-2 <= temperature <= 1e3)
+    )
+
+
+def _coefficients_rejected(case):
+    return not all(
+        _is_real(value) and math.isfinite(value) and value >= 0
+        for value in (case["alpha"], case["beta"])
+    )
+
+
+def _wide_scale(case):
+    temperature = case["temperature"]
+    if isinstance(temperature, float) and 1e-2 <= temperature <= 1e3:
+        return temperature**2 * max(1.0, case["scale"] / temperature) * 4
+    return 0.0
+
+
+def test_kd_loss_beyond_the_accepted_range(target):
+    @fixed_profile(beyond_budget(target, 60))
+    @given(case=wide_logit_cases())
+    def check(case):
+        def call():
+            student, teacher = _wide_logits(case, target.device)
+            weight = _wide_weight(case, target.device)
+            return ops.kd_loss(student, teacher, case["temperature"], weight)
+
+        names = ("student_logits", "teacher_logits", "temperature", "weight")
+        rejected = _logits_rejected(case) or case["weight_style"] in ("negative", "wrong shape")
+        assert_same_outcome(target, call, names, "kd_loss", _wide_scale(case), rejected)
+
+    check()
+
+
+def test_dkd_losses_beyond_the_accepted_range(target):
+    @fixed_profile(beyond_budget(target, 60))
+    @given(case=wide_logit_cases())
+    def check(case):
+        def call_dkd():
+            student, teacher = _wide_logits(case, target.device)
+            rows = (case["shape"][0],) + case["shape"][2:]
+            classes = max(case["shape"][1], 1)
+            labels = torch.randint(0, classes, rows, generator=torch.Generator().manual_seed(1))
+            labels = (labels + case["target_offset"] * classes).to(target.device)
+            return ops.dkd_loss(student, teacher, labels, case["alpha"], case["beta"],
+                                case["temperature"])
+
+        def call_decoupled():
+            student, teacher = _wide_logits(case, target.device)
+            class_mask = (uniform(case["shape"], case["seed"] + 4) > 0.5).to(target.device)
+            return ops.decoupled_kd_loss(student, teacher, class_mask, case["alpha"],
+                                         case["beta"], case["temperature"])
+
+        names = ("student_logits", "teacher_logits", "temperature", "target", "alpha", "beta",
+                 "class_mask")
+        scale = _wide_scale(case)
+        if isinstance(case["alpha"], float) and isinstance(case["beta"], float):
+            scale *= max(1.0, abs(case["alpha"]) + abs(case["beta"]))
+        rejected = _logits_rejected(case) or _coefficients_rejected(case)
+        assert_same_outcome(target, call_dkd, names, "dkd_loss", scale,
+                            rejected or case["target_offset"] != 0)
+        assert_same_outcome(target, call_decoupled, names, "decoupled_kd_loss", scale, rejected)
+
+    check()
+
+
+@st.composite
+def wide_feature_cases(draw):
+    shape = draw(wide_shape((st.integers(1, 2), st.integers(1, 3), st.integers(1, 4),
+                             st.integers(1, 4))))
+    seed = draw(SEEDS)
+    return {
+        "student": _with_poison(normal(shape, seed), draw(POISON), seed),
+        "teacher": normal(shape, seed + 1),
+        "mask_scale": draw(st.one_of(
+            st.sampled_from([1e-45, 1e-23, 1e-22, 1e19, 1e20, 1e30]),
+            st.integers(-40, 38).map(lambda e: 10.0**e),
+            st.sampled_from([None, 0.0, 1.0]),
+        )),
+        "dtype": draw(ANY_DTYPE),
+        "layouts": (draw(st.sampled_from(LAYOUTS_4D)), draw(st.sampled_from(LAYOUTS_4D))),
+        "normalize": draw(st.sampled_from(["mask", "mask", "elements", "mean"])),
+    }
+
+
+def test_masked_feature_loss_beyond_the_accepted_range(target):
+    @fixed_profile(beyond_budget(target, 60))
+    @given(case=wide_feature_cases())
+    def check(case):
+        n, _, h, w = case["student"].shape
+
+        def call():
+            student = _cast(case["student"], case["dtype"], case["layouts"][0], target.device)
+            teacher = _cast(case["teacher"], case["dtype"], case["layouts"][1], target.device)
+            mask = None
+            if case["mask_scale"] is not None:
+                values = (uniform((n, h, w), 7) + 0.5) * case["mask_scale"]
+                mask = values.to(device=target.device, dtype=torch.float32)
+            return ops.masked_feature_loss(student, teacher, mask, case["normalize"])
+
+        names = ("student", "teacher", "mask", "normalize")
+        assert_same_outcome(target, call, names, "masked_feature_loss")
+        unit_scale = dict(case, mask_scale=1.0)
+        float32 = torch.finfo(torch.float32)
+        if case["normalize"] == "mask" and case["mask_scale"] is not None and (
+            float32.tiny <= case["mask_scale"] * 0.5 and case["mask_scale"] * 1.5 <= float32.max
+        ):
+            # The mask-normalised loss does not depend on the mask's scale (wherever the mask
+            # itself is representable: subnormal masks lose their shape).
+            invariant = outcome(target.backend, lambda: _feature_call(unit_scale, target))
+            scaled = outcome(target.backend, call)
+            if invariant[0] == "ok":
+                torch.testing.assert_close(scaled[1], invariant[1], rtol=1e-3, atol=0,
+                                           equal_nan=True)
+
+    check()
+
+
+def _feature_call(case, target):
+    n, _, h, w = case["student"].shape
+    student = _cast(case["student"], case["dtype"], case["layouts"][0], target.device)
+    teacher = _cast(case["teacher"], case["dtype"], case["layouts"][1], target.device)
+    values = (uniform((n, h, w), 7) + 0.5) * case["mask_scale"]
+    mask = values.to(device=target.device, dtype=torch.float32)
+    return ops.masked_feature_loss(student, teacher, mask, case["normalize"])
+
+
+@st.composite
+def wide_interest_cases(draw):
+    shape = draw(wide_shape((st.integers(1, 2), st.integers(1, 2), st.integers(1, 5),
+                             st.integers(1, 5))))
+    seed = draw(SEEDS)
+    return {
+        "shape": shape,
+        "heat": _with_poison(uniform(shape, seed), draw(POISON), seed),
+        "seed": seed,
+        "dtype": draw(ANY_DTYPE),
+        "layout": draw(st.sampled_from(LAYOUTS_4D)),
+        "k": draw(mostly(st.integers(1, 5), st.one_of(st.integers(-1, 12),
+                                                     st.sampled_from([2**31, 2**63 - 1, 2.0])))),
+        "kernel": draw(mostly(
+            st.one_of(st.sampled_from([1, 3, 5, 4095]), st.integers(4089, 4095)),
+            st.one_of(
+                st.integers(-3, 9),
+                st.integers(4089, 4101),
+                st.sampled_from([2**31 - 1, 2**31 + 1, 2**62 - 1, 2**63 - 1, 3.0, True]),
+            ),
+        )),
+    }
+
+
+def test_interest_map_beyond_the_accepted_range(target):
+    @fixed_profile(beyond_budget(target, 60))
+    @given(case=wide_interest_cases())
+    def check(case):
+        n, _, h, w = case["shape"]
+
+        def call():
+            heat = _cast(case["heat"], case["dtype"], case["layout"], target.device)
+            wh = _cast(uniform((n, 2, h, w), case["seed"] + 1, 0, 6), case["dtype"],
+                       case["layout"], target.device)
+            offset = _cast(uniform((n, 2, h, w), case["seed"] + 2, -3, 3), case["dtype"],
+                           case["layout"], target.device)
+            return ops.interest_map(heat, wh, offset, k=case["k"], kernel=case["kernel"])
+
+        expected = outcome("reference", call)
+        actual = outcome(target.backend, call)
+        candidates = case["shape"][1] * case["shape"][2] * case["shape"][3]
+        k, kernel = case["k"], case["kernel"]
+        rejected = (
+            0 in case["shape"]
+            or case["dtype"] in (torch.int64, torch.bool)
+            or not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= candidates)
+            or not (isinstance(kernel, int) and not isinstance(kernel, bool)
+                    and 1 <= kernel <= ops.MAX_KERNEL and kernel % 2 == 1)
+        )
+        assert (expected[0] == "raised") == rejected, f"rejected={rejected}: {expected}"
+        if expected[0] == "raised":
+            assert actual[1:] == expected[1:]
+            assert any(name in expected[2] for name in ("heat", "wh", "offset", "k", "kernel"))
+            return
+        assert actual[0] == "ok", actual[1:]
+        for value, reference in zip(actual[1], expected[1]):
+            assert torch.equal(value, reference), f"interest_map:\n{value}\n!=\n{reference}"
+
+    check()
+
+
+@st.composite
+def wide_augment_cases(draw):
+    shape = draw(wide_shape((st.integers(1, 2), st.integers(1, 3), st.integers(1, 5),
+                             st.integers(1, 5))))
+    op_ids = draw(st.lists(st.integers(-1, NUM_PRIMITIVES), min_size=0, max_size=3))
+    magnitude = st.one_of(st.floats(-2.0, 3.0), st.sampled_from([float("inf"), -float("inf")]))
+    magnitudes = [draw(magnitude) for _ in op_ids]
+    magnitudes = [min(m, 0.0) if op == NOISE else m for op, m in zip(op_ids, magnitudes)]
+    return {
+        "x": normal(shape, draw(SEEDS)),
+        "dtype": draw(ANY_DTYPE),
+        "layout": draw(st.sampled_from(LAYOUTS_4D)),
+        "op_ids": draw(st.sampled_from([list, tuple, set]))(op_ids),
+        "magnitudes": torch.tensor(magnitudes, dtype=torch.float32),
+        "seed": draw(SEEDS),
+    }
+
+
+def test_feature_augment_beyond_the_accepted_range(target):
+    @fixed_profile(beyond_budget(target, 30))
+    @given(case=wide_augment_cases())
+    def check(case):
+        def call():
+            x = _cast(case["x"], case["dtype"], case["layout"], target.device)
+            generator = torch.Generator().manual_seed(case["seed"])
+            return ops.feature_augment(x, case["op_ids"], case["magnitudes"].to(target.device),
+                                       generator)
+
+        names = ("x", "op_ids", "magnitudes")
+        rejected = (
+            0 in case["x"].shape
+            or case["dtype"] in (torch.int64, torch.bool)
+            or isinstance(case["op_ids"], set)
+            or not all(0 <= op < NUM_PRIMITIVES for op in case["op_ids"])
+        )
+        assert_same_outcome(target, call, names, f"feature_augment{case['op_ids']}",
+                            rejected=rejected)
+
+    check()
+
+
+def test_top_class_mask_beyond_the_accepted_range(target):
+    @fixed_profile(beyond_budget(target, 20))
+    @given(case=wide_logit_cases(), ratio=st.sampled_from([-0.5, 0.0, 1e-9, 0.3, 1.0, 1.5,
+                                                           float("nan"), "0.2"]))
+    def check(case, ratio):
+        def call():
+            student, teacher = _wide_logits(case, target.device)
+            return ops.top_class_mask(teacher, student, ratio)
+
+        names = ("teacher_logits", "student_logits", "ratio")
+        assert_same_outcome(target, call, names, "top_class_mask")
 
     check()

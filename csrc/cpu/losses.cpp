@@ -148,8 +148,9 @@ std::tuple<Tensor, Tensor> masked_feature_loss(const Tensor& student, const Tens
   return result;
 }
 
-// kd_row for one contiguous row, vectorised along the classes. The exponentials of the sum
-// pass are kept in `exps` (2 * classes) so the gradient pass needs none of its own.
+// kd_row for one contiguous row, vectorised along the classes, with kd_row's shift
+// (x - max x) / T. The exponentials of the sum pass are kept in `exps` (2 * classes) so the
+// gradient pass needs none of its own.
 template <typename scalar_t, typename acc_t>
 acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t classes,
                         acc_t inv_temperature, acc_t grad_coef, acc_t* exps) {
@@ -159,22 +160,22 @@ acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64
   const V inv_lanes(inv_temperature);
   V max_s_lanes(M::lowest()), max_t_lanes(M::lowest());
   for (int64_t j = 0; j < vector_end; j += V::size()) {
-    max_s_lanes = at::vec::maximum(max_s_lanes, load_widened<acc_t>(s + j) * inv_lanes);
-    max_t_lanes = at::vec::maximum(max_t_lanes, load_widened<acc_t>(t + j) * inv_lanes);
+    max_s_lanes = at::vec::maximum(max_s_lanes, load_widened<acc_t>(s + j));
+    max_t_lanes = at::vec::maximum(max_t_lanes, load_widened<acc_t>(t + j));
   }
   auto take_max = [](acc_t a, acc_t b) { return M::max(a, b); };
   acc_t max_s = reduce_lanes(max_s_lanes, M::lowest(), take_max);
   acc_t max_t = reduce_lanes(max_t_lanes, M::lowest(), take_max);
   for (int64_t j = vector_end; j < classes; ++j) {
-    max_s = M::max(max_s, static_cast<acc_t>(s[j]) * inv_temperature);
-    max_t = M::max(max_t, static_cast<acc_t>(t[j]) * inv_temperature);
+    max_s = M::max(max_s, static_cast<acc_t>(s[j]));
+    max_t = M::max(max_t, static_cast<acc_t>(t[j]));
   }
 
   const V max_s_all(max_s), max_t_all(max_t);
   V sum_s_lanes(acc_t(0)), sum_t_lanes(acc_t(0)), cross_lanes(acc_t(0));
   for (int64_t j = 0; j < vector_end; j += V::size()) {
-    V zs = load_widened<acc_t>(s + j) * inv_lanes - max_s_all;
-    V zt = load_widened<acc_t>(t + j) * inv_lanes - max_t_all;
+    V zs = (load_widened<acc_t>(s + j) - max_s_all) * inv_lanes;
+    V zt = (load_widened<acc_t>(t + j) - max_t_all) * inv_lanes;
     V es = MathOps<V>::exp(zs), et = MathOps<V>::exp(zt);
     es.store(exps + j);
     et.store(exps + classes + j);
@@ -187,8 +188,8 @@ acc_t kd_contiguous_row(const scalar_t* s, const scalar_t* t, scalar_t* g, int64
   acc_t sum_t = reduce_lanes(sum_t_lanes, acc_t(0), add);
   acc_t cross = reduce_lanes(cross_lanes, acc_t(0), add);
   for (int64_t j = vector_end; j < classes; ++j) {
-    acc_t zs = static_cast<acc_t>(s[j]) * inv_temperature - max_s;
-    acc_t zt = static_cast<acc_t>(t[j]) * inv_temperature - max_t;
+    acc_t zs = (static_cast<acc_t>(s[j]) - max_s) * inv_temperature;
+    acc_t zt = (static_cast<acc_t>(t[j]) - max_t) * inv_temperature;
     acc_t es = M::exp(zs), et = M::exp(zt);
     exps[j] = es;
     exps[classes + j] = et;

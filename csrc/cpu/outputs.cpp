@@ -1,6 +1,9 @@
 #include "cpu/outputs.h"
 
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
+#include <c10/util/strides.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -111,10 +114,16 @@ at::Tensor empty_output_like(const at::Tensor& like) {
   if (bytes < kLargeOutputBytes) return at::empty_like(like, at::MemoryFormat::Contiguous);
   const size_t block_bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
   void* block = block_cache().take(block_bytes);
-  return at::from_blob(
-      block, like.sizes(),
-      [block_bytes](void* data) { block_cache().give_back(data, block_bytes); },
-      like.options());
+  c10::DataPtr data = c10::InefficientStdFunctionContext::makeDataPtr(
+      block, [block_bytes](void* data) { block_cache().give_back(data, block_bytes); },
+      c10::Device(c10::kCPU));
+  // A resizable storage, as every tensor from the ordinary allocator has: resize_ (or an
+  // out= of another size) takes new memory from the default CPU allocator and hands this
+  // block back to the cache through its deleter.
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data),
+                       c10::GetDefaultCPUAllocator(), /*resizable=*/true);
+  return at::empty({0}, like.options())
+      .set_(std::move(storage), 0, like.sizes(), c10::contiguous_strides(like.sizes()));
 }
 
 int64_t release_cached_outputs() { return block_cache().release(); }
