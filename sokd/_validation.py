@@ -4,15 +4,27 @@ Every backend receives inputs that passed these checks, so kernels never see a s
 or device they were not written for.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Collection, Sequence
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor(value, name, ndim=None, shape_hint="", floating=True):
+def tensor(
+    value: object,
+    name: str,
+    ndim: int | Sequence[int] | None = None,
+    shape_hint: str = "",
+    floating: bool = True,
+) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if floating and value.dtype not in FLOAT_DTYPES:
@@ -31,7 +43,9 @@ def tensor(value, name, ndim=None, shape_hint="", floating=True):
     return value
 
 
-def same_device(value, name, reference, reference_name):
+def same_device(
+    value: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str
+) -> None:
     if value.device != reference.device:
         raise ValueError(
             f"{name} is on {value.device} but {reference_name} is on {reference.device}; "
@@ -39,7 +53,9 @@ def same_device(value, name, reference, reference_name):
         )
 
 
-def same_dtype(value, name, reference, reference_name):
+def same_dtype(
+    value: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str
+) -> None:
     if value.dtype != reference.dtype:
         raise TypeError(
             f"{name} has dtype {value.dtype} but {reference_name} has {reference.dtype}; "
@@ -47,7 +63,7 @@ def same_dtype(value, name, reference, reference_name):
         )
 
 
-def shape(value, name, expected, what):
+def shape(value: torch.Tensor, name: str, expected: Sequence[int], what: str) -> None:
     if tuple(value.shape) != tuple(expected):
         raise ValueError(
             f"{name} must have shape {tuple(expected)} ({what}), got {tuple(value.shape)}"
@@ -58,23 +74,28 @@ def shape(value, name, expected, what):
 # dynamic=True may hand them symbolic floats, which math.isfinite cannot take.
 
 
-def positive_number(value, name):
+def real(value: object, name: str) -> numbers.Real:
+    """value itself when it is a real number (a bool is not one), else TypeError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return value
+
+
+def positive_number(value: object, name: str) -> float:
+    value = real(value, name)
     if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 
-def non_negative_number(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+def non_negative_number(value: object, name: str) -> float:
+    value = real(value, name)
     if not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
 
 
-def positive_int(value, name):
+def positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
@@ -82,13 +103,13 @@ def positive_int(value, name):
     return int(value)
 
 
-def choice(value, name, options):
+def choice(value: T, name: str, options: Collection[Any]) -> T:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
     return value
 
 
-def holds(condition, message):
+def holds(condition: torch.Tensor, message: str) -> None:
     """Raise ValueError(message) unless every entry of the bool tensor `condition` is True.
 
     Such a check reads tensor values, so in eager mode it waits for them (a device sync on a
@@ -106,29 +127,27 @@ def holds(condition, message):
         raise ValueError(message)
 
 
-def finite(value, name):
+def finite(value: torch.Tensor, name: str) -> None:
     holds(torch.isfinite(value), f"{name} contains NaN or Inf (raised because check_finite=True)")
 
 
-def temperature(value, name, low, high):
+def temperature(value: object, name: str, low: float, high: float) -> float:
     """A real number in [low, high]: the documented range of the distillation temperature."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = real(value, name)
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
     return float(value)
 
 
-def fraction(value, name):
+def fraction(value: object, name: str) -> float:
     """A real number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = real(value, name)
     if not 0 < value <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return float(value)
 
 
-def boolean(value, name):
+def boolean(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
     return value

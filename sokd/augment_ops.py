@@ -1,4 +1,4 @@
-"""The nine feature-augmentation primitives of SPEC section 1, and their random draws.
+"""The nine feature-augmentation primitives of docs/algorithm.md §1, and their random draws.
 
 The draws are made here, once, from the caller's generator, and handed to whichever backend
 runs the op. That is what makes every backend produce the same output for the same draws.
@@ -6,8 +6,11 @@ Gaussian noise is the exception: only its seed is drawn here, and each backend e
 seed with its own counter-based generator.
 """
 
+from __future__ import annotations
+
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import torch
 
@@ -36,8 +39,12 @@ NUM_PRIMITIVES = len(PRIMITIVES)
 
 _NOISE_SEED_BOUND = 2**62
 
+# One op's random draw: a tensor, a noise seed, or None for a deterministic op. (Union, not |:
+# this alias is evaluated at import, and the package supports Python 3.9.)
+Draw = Union[torch.Tensor, int, None]
 
-def op_values(magnitudes, op_ids):
+
+def op_values(magnitudes: torch.Tensor, op_ids: Sequence[int]) -> torch.Tensor:
     """Clamp magnitudes to [0, 1] and map each to its op's range: v = lo + m * (hi - lo)."""
     low = torch.tensor([PRIMITIVES[op].low for op in op_ids], dtype=torch.float32)
     high = torch.tensor([PRIMITIVES[op].high for op in op_ids], dtype=torch.float32)
@@ -45,7 +52,7 @@ def op_values(magnitudes, op_ids):
     return low + magnitudes.detach().float().clamp(0.0, 1.0) * (high - low)
 
 
-def affine_matrix(op, value):
+def affine_matrix(op: int, value: torch.Tensor) -> torch.Tensor:
     """The 2x3 theta of an affine op (output -> input coordinates), as a float32 tensor."""
     one, zero = torch.ones_like(value), torch.zeros_like(value)
     if op == SHEAR_X:
@@ -65,7 +72,12 @@ def affine_matrix(op, value):
     return torch.stack([torch.stack(row) for row in rows])
 
 
-def draw_randomness(op_ids, shape, device, generator=None):
+def draw_randomness(
+    op_ids: Sequence[int],
+    shape: Sequence[int],
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+) -> list[Draw]:
     """One entry per op position: cutout centres (N x 2 int64, as (y, x)), a channel
     permutation per sample (N x C int64), channel-drop uniforms (N x C float32), a noise seed
     (a Python int), or None for the deterministic ops."""

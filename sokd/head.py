@@ -1,4 +1,4 @@
-"""DAM: the shared interest-detection head of SPEC section 4 (docs/algorithm.md §4)."""
+"""DAM: the shared interest-detection head of docs/algorithm.md §4."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class InterestHead(nn.Module):
     x H x W, float32 (float64 for a float64 head). Gradients reach x and every weight.
     docs/algorithm.md §4.
 
-    Unlike the SPEC head, wh and offset cannot die: a ReLU there let the consistency loss
+    Unlike the authors' head, wh and offset cannot die: a ReLU there let the consistency loss
     drive both to exactly 0 (every box one position, many mutual maps empty) with no gradient
     to come back (docs/algorithm.md §6, departures 10 and 11).
     """

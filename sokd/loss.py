@@ -1,8 +1,9 @@
-"""SoKDLoss: the whole SoKD objective of SPEC section 5 as one drop-in module."""
+"""SoKDLoss: the whole SoKD objective of docs/algorithm.md §5 as one drop-in module."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,13 +12,16 @@ from torch import nn
 from . import _validation as check
 from . import ops
 from .head import HEAD_PRECISIONS, HeadOutput, HeadPrecision, InterestHead
+from .feature_taps import ResizeMode, TapMethod
 from .policy import FeaturePolicy
 
 MASK_MODES = ("student", "teacher", "mutual")
+MaskMode = Literal["student", "teacher", "mutual"]
 # The default head is a quarter as wide as the authors' (docs/training.md, "Head width and
 # precision"; docs/algorithm.md §6, departure 17).
 DEFAULT_HEAD_RATIO = 4
 LOGIT_LOSSES = ("none", "kd", "dkd", "masked")
+LogitLoss = Literal["none", "kd", "dkd", "masked"]
 
 
 @dataclass
@@ -25,8 +29,8 @@ class SoKDOutput:
     total: torch.Tensor  # the scalar to backpropagate
     # name -> detached scalar, for logging: the loss terms, and the interest-map diagnostics
     # coverage, empty, box_area and peak_score (docs/training.md, "Reading the diagnostics")
-    components: dict = field(default_factory=dict)
-    weight_map: torch.Tensor = None  # N x H x W spatial weights used by the feature loss
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_map: torch.Tensor | None = None  # N x H x W spatial weights used by the feature loss
 
 
 class SoKDLoss(nn.Module):
@@ -36,48 +40,69 @@ class SoKDLoss(nn.Module):
     feature after the connector, t~ the teacher feature after the learnable augmentation
     policy (training mode only) and W the interest weight map of the shared DAM head.
 
-    Args:
-        student_channels, teacher_channels: channels of the two hint features.
-        connector: module mapping student to teacher channels; default conv1x1 + BatchNorm
-            when the channel counts differ, identity otherwise.
-        policy: a FeaturePolicy (default: all 36 pairs of the 9 primitives).
-        mask_mode: "mutual" (min of both count maps; a sample whose mutual map is empty falls
-            back to the union, max of both), "student" or "teacher".
-        head_channels: width of each DAM head branch; default teacher_channels // 4 (at
-            least 1). The authors' head is teacher_channels wide (docs/training.md, "Head
-            width and precision").
+    One flat list of keyword options, as torch's own losses and the KD trainers'
+    configurations take them (docs/api.md, "Why one flat list of options"). Grouped:
+
+    Shapes and submodules:
+        student_channels: C_s, the channels of the student's hint feature.
+        teacher_channels: C_t, the channels of the teacher's hint feature.
+        connector: module mapping the student feature to the teacher's shape; default
+            conv1x1 + BatchNorm when the channel counts differ, identity otherwise.
+        policy: the FeaturePolicy to learn (default: all 36 pairs of the 9 primitives).
+    The DAM head and its weight map (docs/algorithm.md §4):
+        heat_channels: heat outputs of the head (the authors' code uses one per class).
+        head_channels: width of each head branch; default C_t // 4 (at least 1). The
+            authors' head is C_t wide (docs/training.md, "Head width and precision").
         head_precision: "float32", or "bfloat16"/"float16" to run the head's convolutions
             under autocast; its outputs, the DAM loss and the peak decoding stay float32.
+        mask_mode: "mutual" (min of both count maps; a sample whose mutual map is empty
+            falls back to the union, max of both), "student" or "teacher".
+        k: peaks decoded per sample (at most heat_channels x H x W).
+        kernel: odd size of the peak-finding max-pool window.
+    The loss terms (docs/algorithm.md §5):
+        normalize: "elements" (divide the masked squared error by N*C*H*W) or "mask"
+            (by C * sum W^2, a weighted mean over the covered positions).
+        w_feat: weight of the masked feature loss.
+        w_dam: weight of the DAM consistency loss.
+        w_logit: weight of the logit loss.
         logit_loss: "none", "kd", "dkd" (needs target) or "masked" (mutual class interest).
-        generator: torch.Generator for the policy sample and the augmentation draws.
+        temperature: T of the logit loss, in [1e-2, 1e3].
+        alpha: weight of TCKD (the class set against the rest) in "dkd" and "masked".
+        beta: weight of NCKD (among the classes outside the set) in "dkd" and "masked".
+        class_ratio: the fraction of classes in the teacher's top set for "masked".
+        mutual_classes: "masked" intersects the teacher's top set with the student's.
+    Randomness and checks:
+        generator: torch.Generator for the policy sample and the augmentation draws
+            (default: torch's global generator).
+        check_finite: raise ValueError on NaN or Inf inputs.
     """
 
     def __init__(
         self,
-        student_channels,
-        teacher_channels,
+        student_channels: int,
+        teacher_channels: int,
         *,
-        connector=None,
-        policy=None,
-        heat_channels=1,
+        connector: nn.Module | None = None,
+        policy: FeaturePolicy | None = None,
+        heat_channels: int = 1,
         head_channels: int | None = None,
         head_precision: HeadPrecision = "float32",
-        mask_mode="mutual",
-        logit_loss="none",
-        k=8,
-        kernel=3,
-        normalize="elements",
-        w_feat=1000.0,
-        w_dam=1000.0,
-        w_logit=1.0,
-        temperature=4.0,
-        alpha=1.0,
-        beta=8.0,
-        class_ratio=0.2,
-        mutual_classes=True,
-        generator=None,
-        check_finite=False,
-    ):
+        mask_mode: MaskMode = "mutual",
+        logit_loss: LogitLoss = "none",
+        k: int = 8,
+        kernel: int = 3,
+        normalize: Literal["elements", "mask"] = "elements",
+        w_feat: float = 1000.0,
+        w_dam: float = 1000.0,
+        w_logit: float = 1.0,
+        temperature: float = 4.0,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        class_ratio: float = 0.2,
+        mutual_classes: bool = True,
+        generator: torch.Generator | None = None,
+        check_finite: bool = False,
+    ) -> None:
         super().__init__()
         student_channels = check.positive_int(student_channels, "student_channels")
         teacher_channels = check.positive_int(teacher_channels, "teacher_channels")
@@ -125,12 +150,12 @@ class SoKDLoss(nn.Module):
         self.generator = generator
         self.check_finite = check.boolean(check_finite, "check_finite")
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> dict[str, torch.Tensor | None]:
         """The state of `generator`, so that a run restored from state_dict draws the same
         policy samples and augmentations as the run that saved it."""
         return {"generator": None if self.generator is None else self.generator.get_state()}
 
-    def set_extra_state(self, state):
+    def set_extra_state(self, state: dict[str, torch.Tensor | None]) -> None:
         saved = state["generator"]
         if (saved is None) != (self.generator is None):
             raise ValueError(
@@ -141,7 +166,7 @@ class SoKDLoss(nn.Module):
         if saved is not None:
             self.generator.set_state(saved)
 
-    def teacher_view(self, teacher_feat, augment):
+    def teacher_view(self, teacher_feat: torch.Tensor, augment: bool) -> torch.Tensor:
         """The teacher map the student learns from: t~ when augmenting, else t (detached)."""
         teacher = teacher_feat.detach()
         if not augment:
@@ -191,14 +216,14 @@ class SoKDLoss(nn.Module):
 
     def forward(
         self,
-        student_feat,
-        teacher_feat,
-        student_logits=None,
-        teacher_logits=None,
-        target=None,
+        student_feat: torch.Tensor,
+        teacher_feat: torch.Tensor,
+        student_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
         *,
-        augment=None,
-    ):
+        augment: bool | None = None,
+    ) -> SoKDOutput:
         """augment defaults to self.training: the policy is sampled and applied while
         training, and the clean teacher feature is used in eval mode."""
         check.tensor(student_feat, "student_feat", 4, "N x C x H x W")
@@ -287,10 +312,10 @@ class SoKDLoss(nn.Module):
         student_layer: str,
         teacher_layer: str,
         example_input: torch.Tensor,
-        resize: str = "bilinear",
-        method: str = "auto",
-        **options,
-    ) -> "SoKDLoss":
+        resize: ResizeMode = "bilinear",
+        method: TapMethod = "auto",
+        **options: Any,
+    ) -> SoKDLoss:
         """A SoKDLoss for the hint layers of two models, sized from one example batch.
 
         Runs `example_input` through both models once (eval mode, no gradients) to read the

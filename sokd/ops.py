@@ -1,7 +1,11 @@
 """The public functional ops. Each one validates its arguments, then runs the chosen backend."""
 
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -39,8 +43,16 @@ def _backend(op, device):
     return backend
 
 
-def masked_feature_loss(student, teacher, mask=None, normalize="elements", *, check_finite=False):
-    """sum(mask^2 * (student - teacher)^2) / Z over N x C x H x W features.
+def masked_feature_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    normalize: Literal["elements", "mask"] = "elements",
+    *,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """sum(mask^2 * (student - teacher)^2) / Z over N x C x H x W features (docs/algorithm.md
+    §5). Returns a 0-d loss, float32 (float64 for float64 inputs).
 
     mask is N x H x W (broadcast over channels) and is a constant: it gets no gradient on any
     backend, even when it requires grad. Z = N*C*H*W with normalize="elements"; Z = C *
@@ -92,8 +104,16 @@ def _row_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def kd_loss(student_logits, teacher_logits, temperature=4.0, weight=None, *, check_finite=False):
-    """T^2 * mean over rows of KL(softmax(teacher/T) || softmax(student/T)).
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 4.0,
+    weight: torch.Tensor | None = None,
+    *,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """T^2 * mean over rows of KL(softmax(teacher/T) || softmax(student/T)) (docs/algorithm.md
+    §5). Returns a 0-d loss, float32 (float64 for float64 inputs); gradient to student_logits.
 
     Logits are N x K, or dense N x K x H x W with classes on dim 1 (one row per position).
     weight, if given, holds one non-negative weight per row (N, or N x H x W); the mean then
@@ -121,16 +141,17 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0, weight=None, *, che
 
 
 def decoupled_kd_loss(
-    student_logits,
-    teacher_logits,
-    class_mask,
-    alpha=1.0,
-    beta=8.0,
-    temperature=4.0,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    class_mask: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
     *,
-    check_finite=False,
-):
-    """Decoupled KD over a class set G: T^2 * mean over rows of (alpha*TCKD + beta*NCKD).
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Decoupled KD over a class set G: T^2 * mean over rows of (alpha*TCKD + beta*NCKD)
+    (docs/algorithm.md §5). Returns a 0-d loss, float32 (float64 for float64 inputs).
 
     class_mask is a boolean tensor shaped like the logits, True for the classes in G. TCKD
     compares the binary distributions [p_G, 1 - p_G]; NCKD compares the softmaxes over the
@@ -157,15 +178,15 @@ def decoupled_kd_loss(
 
 
 def dkd_loss(
-    student_logits,
-    teacher_logits,
-    target,
-    alpha=1.0,
-    beta=8.0,
-    temperature=4.0,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
     *,
-    check_finite=False,
-):
+    check_finite: bool = False,
+) -> torch.Tensor:
     """Decoupled Knowledge Distillation (Zhao et al., 2022): decoupled KD with G = {target}.
 
     target holds class indices: N for N x K logits, N x H x W for dense logits.
@@ -195,7 +216,11 @@ def dkd_loss(
     )
 
 
-def top_class_mask(teacher_logits, student_logits=None, ratio=0.2):
+def top_class_mask(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    ratio: float = 0.2,
+) -> torch.Tensor:
     """The top ceil(ratio*K) classes of the teacher per row, intersected with the student's
     top set when student_logits is given (mutual class interest). Shaped like the logits."""
     check.tensor(teacher_logits, "teacher_logits", (2, 4), "N x K or dense N x K x H x W")
@@ -213,8 +238,16 @@ def top_class_mask(teacher_logits, student_logits=None, ratio=0.2):
     return mask
 
 
-def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
-    """Decode DAM interest peaks into a count map (SPEC section 4).
+def interest_map(
+    heat: torch.Tensor,
+    wh: torch.Tensor,
+    offset: torch.Tensor,
+    k: int = 8,
+    kernel: int = 3,
+    *,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode DAM interest peaks into a count map (docs/algorithm.md §4).
 
     heat is N x heat_channels x H x W; wh and offset are N x 2 x H x W, as (w, h) and (x, y).
     Returns (count_map, boxes, scores): count_map float32 N x H x W counts how many of the k
@@ -250,7 +283,7 @@ def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
 
 class _StraightThroughAugment(torch.autograd.Function):
     """Forward: the augmented map. Backward: d out / d magnitude_k = 1 for every element, so
-    each magnitude receives the sum of the incoming gradient (SPEC section 2)."""
+    each magnitude receives the sum of the incoming gradient (docs/algorithm.md §2)."""
 
     # torch.func runs forward under its transforms (it is made of PyTorch ops there, as the
     # reference backend serves every op under torch.func) and derives the vmap rule from it.
@@ -290,8 +323,15 @@ def _check_op_ids(op_ids):
     return tuple(int(op) for op in op_ids)
 
 
-def feature_augment(x, op_ids, magnitudes, generator=None, *, check_finite=False):
-    """Apply the primitive ops `op_ids` (SPEC section 1) to x (N x C x H x W), in order.
+def feature_augment(
+    x: torch.Tensor,
+    op_ids: Sequence[int] | torch.Tensor,
+    magnitudes: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Apply the primitive ops `op_ids` (docs/algorithm.md §1) to x (N x C x H x W), in order.
 
     magnitudes has one entry per op and is clamped to [0, 1]. Random draws (cutout centres,
     channel permutations, drop masks, the noise seed) come from `generator`. The result

@@ -1,12 +1,12 @@
-"""DAFA: the learnable augmentation policy of SPEC section 2."""
+"""DAFA: the learnable augmentation policy of docs/algorithm.md §2."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import math
-import numbers
-from typing import Iterator, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ class PolicySample(NamedTuple):
 
 
 class RelaxedSamples(NamedTuple):
-    """The relaxed samples of SPEC section 2, differentiable in P and omega."""
+    """The relaxed samples of docs/algorithm.md §2, differentiable in P and omega."""
 
     z: torch.Tensor  # S x 2: lambda + logit(u)
     z_tilde: torch.Tensor  # S x 2: conditional re-sample given b
@@ -51,7 +51,13 @@ class FeaturePolicy(nn.Module):
     RELAX, and c_phi only through its variance gradient: no forward pass reaches them.
     """
 
-    def __init__(self, sub_policies=DEFAULT_SUB_POLICIES, temperature=0.5, eps=1e-6, hidden=100):
+    def __init__(
+        self,
+        sub_policies: Iterable[Sequence[int]] = DEFAULT_SUB_POLICIES,
+        temperature: float = 0.5,
+        eps: float = 1e-6,
+        hidden: int = 100,
+    ) -> None:
         super().__init__()
         self.sub_policies = self._check_sub_policies(sub_policies)
         count = len(self.sub_policies)
@@ -86,10 +92,10 @@ class FeaturePolicy(nn.Module):
         return pairs
 
     @property
-    def num_sub_policies(self):
+    def num_sub_policies(self) -> int:
         return len(self.sub_policies)
 
-    def clamped_probability(self):
+    def clamped_probability(self) -> torch.Tensor:
         return self.probability.clamp(PROBABILITY_CLAMP, 1 - PROBABILITY_CLAMP)
 
     def _uniform(self, shape, generator):
@@ -103,8 +109,8 @@ class FeaturePolicy(nn.Module):
     # around this step, whatever the policy draws.
     @torch.compiler.disable
     @torch.no_grad()
-    def resample(self, generator=None):
-        """Draw a new sample (SPEC section 2) from `generator` and make it the active one."""
+    def resample(self, generator: torch.Generator | None = None) -> PolicySample:
+        """Draw a new sample (docs/algorithm.md §2) from `generator` and make it the active one."""
         count = self.num_sub_policies
         u_b, v_b = self._uniform((count, 2), generator), self._uniform((count, 2), generator)
         u_c, v_c = self._uniform((count,), generator), self._uniform((count,), generator)
@@ -114,7 +120,7 @@ class FeaturePolicy(nn.Module):
         self.sample = PolicySample(u_b, v_b, u_c, v_c, bits, int(g.argmax()))
         return self.sample
 
-    def relaxed_samples(self, sample=None):
+    def relaxed_samples(self, sample: PolicySample | None = None) -> RelaxedSamples:
         """z, z~, g and g~ for `sample` (default: the active one), with gradients to P, omega."""
         sample = self._require_sample(sample)
         theta = self.clamped_probability()
@@ -133,13 +139,15 @@ class FeaturePolicy(nn.Module):
         g_tilde = torch.where(chosen, -torch.log(-log_v), others)
         return RelaxedSamples(z, z_tilde, g, g_tilde)
 
-    def control_variate_input(self, bernoulli_logits, categorical_logits):
+    def control_variate_input(
+        self, bernoulli_logits: torch.Tensor, categorical_logits: torch.Tensor
+    ) -> torch.Tensor:
         """2x - 1 for x = [sigma(z/tau) (S*2) | softmax(g/tau) (S)]: the input of c_phi."""
         soft_bits = torch.sigmoid(bernoulli_logits / self.temperature).reshape(-1)
         soft_choice = F.softmax(categorical_logits / self.temperature, dim=0)
         return 2 * torch.cat((soft_bits, soft_choice)) - 1
 
-    def log_prob(self, sample=None):
+    def log_prob(self, sample: PolicySample | None = None) -> torch.Tensor:
         """log p(b, j*): the Bernoulli terms of every (s, k) plus the categorical term once."""
         sample = self._require_sample(sample)
         theta = self.clamped_probability()
@@ -147,9 +155,11 @@ class FeaturePolicy(nn.Module):
         bernoulli = (bits * torch.log(theta) + (1 - bits) * torch.log1p(-theta)).sum()
         return bernoulli + torch.log_softmax(self.logits, dim=0)[sample.index]
 
-    def relax_gradients(self, objective, sample=None):
-        """The RELAX estimate (SPEC section 2) of the gradient of E[f] for the objective value
-        f observed at the hard sample (default: the active one).
+    def relax_gradients(
+        self, objective: float | torch.Tensor, sample: PolicySample | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The RELAX estimate (docs/algorithm.md §2) of the gradient of E[f] for the objective
+        value f observed at the hard sample (default: the active one).
 
         For P and omega: g = (f - c(z~)) * grad log p(b, j*) + grad c(z) - grad c(z~), with
         c = c_phi applied to the relaxed samples. For every parameter of c_phi: the gradient
@@ -167,8 +177,7 @@ class FeaturePolicy(nn.Module):
                     f"objective must be a scalar, got a tensor of shape {tuple(objective.shape)}"
                 )
             objective = objective.detach().item()
-        if isinstance(objective, bool) or not isinstance(objective, numbers.Real):
-            raise TypeError(f"objective must be a real number, got {type(objective).__name__}")
+        objective = check.real(objective, "objective")
         if not math.isfinite(objective):
             raise ValueError(f"objective must be finite, got {objective}")
         relaxed = self.relaxed_samples(sample)
@@ -194,7 +203,7 @@ class FeaturePolicy(nn.Module):
             raise RuntimeError("the policy has no sample yet; call resample() first")
         return sample
 
-    def active_ops(self):
+    def active_ops(self) -> tuple[list[int], torch.Tensor]:
         """(op_ids, magnitudes) of the active sample: the ops of j* whose bit is 1, in order."""
         sample = self._require_sample(None)
         slots = [k for k, bit in enumerate(sample.bits[sample.index].tolist()) if bit]
@@ -202,7 +211,7 @@ class FeaturePolicy(nn.Module):
         return op_ids, self.magnitude[sample.index, slots]
 
     @contextlib.contextmanager
-    def hold_sample(self):
+    def hold_sample(self) -> Iterator[None]:
         """Within this block SoKDLoss reuses the active sample instead of drawing a new one,
         so that several evaluations (such as the bi-level probes) see the same policy."""
         self._hold_depth += 1
@@ -212,15 +221,15 @@ class FeaturePolicy(nn.Module):
             self._hold_depth -= 1
 
     @property
-    def sample_held(self):
+    def sample_held(self) -> bool:
         return self._hold_depth > 0
 
     @contextlib.contextmanager
     def straight_through(self) -> Iterator[None]:
-        """Within this block `forward` gives M the straight-through gradient (SPEC section 2):
-        dL/dM_{j*k} = sum of dL/dt~ over every element, for each active op k.
+        """Within this block `forward` gives M the straight-through gradient
+        (docs/algorithm.md §2): dL/dM_{j*k} = sum of dL/dt~ over every element, for each active op k.
 
-        Only the policy search opens it, around its probes at w+- (SPEC section 3, step 3).
+        Only the policy search opens it, around its probes at w+- (docs/algorithm.md §3, step 3).
         Outside it the augmented map has no path to M, so whatever optimizer the student's
         loss reaches (criterion.parameters() included) sees no gradient for any policy
         parameter and leaves the policy exactly as it is (docs/algorithm.md §6, departure 12).
@@ -236,7 +245,7 @@ class FeaturePolicy(nn.Module):
         return self._straight_through_depth > 0
 
     @torch.compiler.disable
-    def forward(self, x, generator=None):
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Apply the active sample's ops to x (draws one sample first if there is none). The
         result is detached from M unless `straight_through()` is open."""
         if self.sample is None:

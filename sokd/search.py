@@ -1,4 +1,4 @@
-"""Bi-level search of the augmentation policy (SPEC section 3)."""
+"""Bi-level search of the augmentation policy (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class _RandomReplay:
 
 
 class PolicySearch:
-    """Learns the augmentation policy of `criterion` by the bi-level step of SPEC section 3.
+    """Learns the augmentation policy of `criterion` by the bi-level step of docs/algorithm.md §3.
 
     Args:
         model: the module the objective runs (the student; it may be wrapped in
@@ -98,7 +98,7 @@ class PolicySearch:
         radius: r of the finite-difference Hessian-vector term, R = r / ||v||.
         hypergradient: how the magnitudes' term -eta * d/dM (grad_w L_train(w) . v) is taken:
             "forward" (the default: the one-sided (G+ - G) / R, one probe at w + R v; G at w
-            comes from the training loss already evaluated), "central" (SPEC's
+            comes from the training loss already evaluated), "central" (the authors'
             (G+ - G-) / 2R at w +- R v, two probes) or "exact" (double backward through the
             training loss; the losses must run on the reference backend, as the native kernels
             are differentiable once). On ReLU networks both differences are as far from the
@@ -249,8 +249,9 @@ class PolicySearch:
         return result._replace(policy_gradients=policy_gradients)
 
     def _hessian_step(self, batch, kwargs, buffers, student_gradients):
-        """Steps 1 to 3 of SPEC section 3: leaves grad alpha in the policy's .grad and returns
-        the losses with grad_w L_train(w) (None where the loss does not reach a weight)."""
+        """Steps 1 to 3 of docs/algorithm.md §3: leaves grad alpha in the policy's .grad and
+        returns the losses with grad_w L_train(w) (None where the loss does not reach a
+        weight)."""
         eta, weights, magnitude = self.unroll_lr, self._weights, self.policy.magnitude
         exact = self.hypergradient == "exact"
         if exact:

@@ -102,7 +102,9 @@ class Distiller(nn.Module):
         """The student's logits."""
         return self.student(image)
 
-    def forward(self, **kwargs: Any):
+    def forward(
+        self, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.training:
             return self.forward_train(**kwargs)
         return self.forward_test(kwargs["image"])

@@ -126,7 +126,13 @@ class SoKDStudent(AuxiliaryModelWrapper):
     def secondary_forward(self, io_dict: dict) -> None:
         io_dict[IO_KEY] = {"wrapper": self, "feature": self._feature, "batch": self._batch}
 
-    def queue_search_step(self, batch, targets, t_feature, t_logits) -> None:
+    def queue_search_step(
+        self,
+        batch: torch.Tensor,
+        targets: torch.Tensor,
+        t_feature: torch.Tensor,
+        t_logits: torch.Tensor,
+    ) -> None:
         """Keep a batch for the next policy step (while the search lasts)."""
         if self.search is not None and self.search.searching:
             self._pending = (batch, targets, t_feature.detach(), t_logits.detach())
