@@ -263,8 +263,8 @@ class FeatureAugment(Case):
         augmented = reference.feature_augment(
             x["x"], AUGMENT_OPS, values, [None] * len(AUGMENT_OPS)
         )
-        # SPEC section 2: the value is the augmented map, and each magnitude's gradient is the
-        # sum of the output's gradient.
+        # docs/algorithm.md §2: the value is the augmented map, and each magnitude's gradient is
+        # the sum of the output's gradient.
         magnitudes = x["magnitudes"]
         straight_through = (magnitudes - magnitudes.detach()).sum().to(augmented.dtype)
         return augmented.detach() + straight_through

@@ -102,7 +102,7 @@ def test_student_step_between_search_steps_leaves_the_policy_as_the_search_left_
 
 def test_straight_through_gradient_to_m_exists_only_inside_the_probe_context():
     """What the search's probes at w+- do: inside policy.straight_through() each active
-    magnitude receives the sum over every element of dL/dt~ (SPEC section 2)."""
+    magnitude receives the sum over every element of dL/dt~ (docs/algorithm.md §2)."""
     sokd.set_backend("reference")
     policy = SoKDLoss(4, 4, generator=torch.Generator().manual_seed(3)).policy
     with torch.no_grad():

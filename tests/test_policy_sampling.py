@@ -1,5 +1,5 @@
-"""FeaturePolicy sampling (SPEC section 2): shapes, frequencies, conditional re-samples, and the
-straight-through forward."""
+"""FeaturePolicy sampling (docs/algorithm.md §2): shapes, frequencies, conditional re-samples,
+and the straight-through forward."""
 
 import math
 

@@ -341,7 +341,7 @@ def augment_cases(draw):
     op_ids = draw(st.lists(st.integers(0, NUM_PRIMITIVES - 1), min_size=1, max_size=3))
     magnitude = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(-0.25, 1.25))
     magnitudes = [draw(magnitude) for _ in op_ids]
-    # Noise is reproducible per backend only (SPEC section 1); at magnitude <= 0 it adds
+    # Noise is reproducible per backend only (docs/algorithm.md §1); at magnitude <= 0 it adds
     # exactly 0 * eps, which every backend must get right, including for extreme eps.
     magnitudes = [min(m, 0.0) if op == NOISE else m for op, m in zip(op_ids, magnitudes)]
     seed = draw(SEEDS)

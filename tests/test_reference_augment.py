@@ -22,7 +22,7 @@ def reference_backend():
 
 
 def theta_from_table(op, m):
-    """SPEC section 1's affine table, written out independently of sokd.augment_ops."""
+    """docs/algorithm.md §1's affine table, written out independently of sokd.augment_ops."""
     ranges = {0: 0.3, 1: 0.3, 2: 0.45, 3: 0.45, 4: 30.0}
     v = -ranges[op] + min(max(m, 0.0), 1.0) * 2 * ranges[op]
     if op == 0:

@@ -15,7 +15,7 @@ def reference_backend():
 
 
 def loop_interest_map(heat, wh, offset, k, kernel):
-    """SPEC section 4 step by step with Python loops and floats."""
+    """docs/algorithm.md §4 step by step with Python loops and floats."""
     n_images, channels, height, width = heat.shape
     radius = (kernel - 1) // 2
     counts, all_boxes, all_scores = [], [], []

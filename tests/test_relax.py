@@ -1,4 +1,4 @@
-"""RELAX (SPEC section 2): unbiased against exact enumeration, and the control variate learns
+"""RELAX (docs/algorithm.md §2): unbiased against exact enumeration, and the control variate learns
 to lower the estimator's variance."""
 
 import itertools

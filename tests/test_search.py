@@ -1,4 +1,4 @@
-"""PolicySearch (SPEC section 3): the policy gradient against an independent computation on
+"""PolicySearch (docs/algorithm.md §3): the policy gradient against an independent computation on
 copies of the model, exact restoration of weights and buffers, freezing, state and
 reproducibility."""
 
@@ -87,8 +87,8 @@ def snapshot(*modules):
 
 
 def expected_policy_gradient(student, teacher, criterion, sample, batch, eta, decay, radius):
-    """SPEC section 3 step by step on deep copies, with plain backward passes. For P and omega
-    the control-variate terms of G+ and G- cancel, leaving (f+ - f-) * grad log p, and
+    """docs/algorithm.md §3 step by step on deep copies, with plain backward passes. For P and
+    omega the control-variate terms of G+ and G- cancel, leaving (f+ - f-) * grad log p, and
     (f+ - f-) / 2R is taken in its limit, grad_w L_train . v; M takes the central
     difference."""
     criterion.policy.sample = sample
