@@ -1,6 +1,8 @@
-"""Every public callable of sokd (sokd.__all__, sokd.ops and the public methods of the
-public classes) annotates every parameter and its return value."""
+"""Every public callable of sokd (sokd.__all__, sokd.ops, sokd.integrations and the public
+methods of the public classes) annotates every parameter and its return value."""
 
+import importlib
+import importlib.util
 import inspect
 
 import pytest
@@ -44,9 +46,30 @@ def _public_ops():
             yield obj
 
 
+# The integrations import their framework; one whose framework is not installed is checked
+# where it is (its tests skip here for the same reason).
+INTEGRATIONS = {"sokd.integrations.mdistiller": None, "sokd.integrations.torchdistill": "torchdistill"}
+
+
+def _importable(requirement):
+    return requirement is None or importlib.util.find_spec(requirement) is not None
+
+
+def _public_members(module_name):
+    """The public functions and classes that a module defines itself."""
+    module = importlib.import_module(module_name)
+    for name, obj in vars(module).items():
+        if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)):
+            if obj.__module__ == module_name:
+                yield obj
+
+
 def _public_callables():
     seen = {}
     objects = [getattr(sokd, name) for name in sokd.__all__] + list(_public_ops())
+    for module_name, requirement in INTEGRATIONS.items():
+        if _importable(requirement):
+            objects += list(_public_members(module_name))
     for obj in objects:
         if inspect.isclass(obj):
             seen.update(_methods(obj))
@@ -73,8 +96,17 @@ def test_the_surface_is_found():
         "sokd.ops.kd_loss",
         "sokd.ops.feature_augment",
         "sokd.feature_taps.tap",
+        "sokd.integrations.mdistiller.Distiller.forward_train",
     ):
         assert name in CALLABLES, name
+
+
+@pytest.mark.parametrize("module_name", sorted(INTEGRATIONS))
+def test_each_integration_is_walked(module_name):
+    requirement = INTEGRATIONS[module_name]
+    if not _importable(requirement):
+        pytest.skip(f"{module_name} needs {requirement}, which is not installed")
+    assert any(name.startswith(module_name + ".") for name in CALLABLES), module_name
 
 
 def _missing_annotations(fn):

@@ -116,7 +116,7 @@ class SoKDStudent(AuxiliaryModelWrapper):
         out = self.criterion(feature, t_feature, logits, t_logits, y, augment=augment)
         return self.ce_weight * F.cross_entropy(logits, y) + out.total
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.run_pending_search_step()
         self._feature, logits = self._tap[0](x)
