@@ -70,7 +70,7 @@ def parse_args(argv):
         "--shape",
         action="append",
         type=_shape_argument,
-        metavar="SPEC",
+        metavar="SHAPE",
         help=f"a custom shape, {SHAPE_SYNTAX}; repeat for several",
     )
     parser.add_argument(
