@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -208,3 +209,16 @@ def test_api_reference_documents_every_public_name():
     documented = set(re.findall(r"^### `([\w.]+)`", text, re.M))
     missing = [name for name in public_names() if name not in documented]
     assert not missing, f"docs/api.md has no '### `name`' section for {missing}"
+
+
+def test_every_sokd_loss_option_has_one_line_in_the_api_table_and_the_docstring():
+    from sokd import SoKDLoss
+
+    options = [name for name in inspect.signature(SoKDLoss.__init__).parameters if name != "self"]
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text[text.index("### `SoKDLoss`"):text.index("### `SoKDLoss.from_models`")]
+    rows = re.findall(r"^\| `(\w+)` \|", section, re.M)
+    # One row per option, grouped by what it controls rather than in the signature's order.
+    assert sorted(rows) == sorted(options), "docs/api.md's SoKDLoss table: one row per option"
+    docstring_lines = re.findall(r"^\s+(\w+): ", SoKDLoss.__doc__, re.M)
+    assert [name for name in options if name not in docstring_lines] == []
