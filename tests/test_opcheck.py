@@ -135,7 +135,11 @@ def _logit_distill_loss(s):
     rows, vocab = 4, 13
     vocab_size = vocab if s.contiguous else vocab - 1
     labels, teacher, logprobs, ids = _llm_targets(s, rows, vocab, vocab_size)
-    common = {"student_logits": s.tensor(rows, vocab), "labels": labels, "beta": 0.5,
+    student = s.tensor(rows, vocab)
+    if not s.contiguous and s.requires_grad:
+        # The first columns of wider rows (20 apart), which the kernels read in place.
+        student = s.tensor(rows, 20).contiguous()[:, :vocab]
+    common = {"student_logits": student, "labels": labels, "beta": 0.5,
               "temperature": 2.0, "ignore_index": -100, "num_items": None}
     if s.contiguous:
         # Without requires_grad: forward KL over a given count of items.
