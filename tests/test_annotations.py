@@ -36,7 +36,7 @@ def _methods(cls):
 
 def _public_ops():
     """The public functions and classes that sokd.ops defines or re-exports from the
-    package, without the helpers it imports for itself."""
+    package, not what it imports for its own use."""
     for name in dir(sokd.ops):
         obj = getattr(sokd.ops, name)
         module = getattr(obj, "__module__", "") or ""
