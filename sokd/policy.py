@@ -227,7 +227,8 @@ class FeaturePolicy(nn.Module):
     @contextlib.contextmanager
     def straight_through(self) -> Iterator[None]:
         """Within this block `forward` gives M the straight-through gradient
-        (docs/algorithm.md §2): dL/dM_{j*k} = sum of dL/dt~ over every element, for each active op k.
+        (docs/algorithm.md §2): dL/dM_{j*k} = sum of dL/dt~ over every element, for each
+        active op k.
 
         Only the policy search opens it, around its probes at w+- (docs/algorithm.md §3, step 3).
         Outside it the augmented map has no path to M, so whatever optimizer the student's

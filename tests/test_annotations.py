@@ -48,7 +48,10 @@ def _public_ops():
 
 # The integrations import their framework; one whose framework is not installed is checked
 # where it is (its tests skip here for the same reason).
-INTEGRATIONS = {"sokd.integrations.mdistiller": None, "sokd.integrations.torchdistill": "torchdistill"}
+INTEGRATIONS = {
+    "sokd.integrations.mdistiller": None,
+    "sokd.integrations.torchdistill": "torchdistill",
+}
 
 
 def _importable(requirement):
