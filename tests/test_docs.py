@@ -198,7 +198,9 @@ def public_names() -> list[str]:
     ops = [
         name
         for name, value in vars(sokd.ops).items()
-        if callable(value) and not name.startswith("_") and value.__module__ == "sokd.ops"
+        if callable(value)
+        and not name.startswith("_")
+        and (value.__module__ == "sokd.ops" or value.__module__.startswith("sokd._ops."))
     ]
     integrations = {"Distiller", "SoKDStudent", "SoKDTorchdistillLoss"}
     return sorted(set(sokd.__all__) | set(ops) | integrations)
