@@ -330,7 +330,12 @@ def run(args, log=print):
     widths = {}
     t_channels = hint_channels(TEACHER_WIDTHS, args.hint)
     default_width = runs["SoKD"][0]["head_channels"]
-    candidates = (("C (authors')", t_channels), ("C/2", t_channels // 2), ("C/4", t_channels // 4))
+    candidates = (
+        ("C (authors')", t_channels),
+        ("C/2", t_channels // 2),
+        ("C/4", t_channels // 4),
+        ("C/8", t_channels // 8),
+    )
     for label, width in candidates:
         if width == default_width:
             widths[f"{label}, default"] = runs["SoKD"]

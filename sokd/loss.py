@@ -17,9 +17,9 @@ from .policy import FeaturePolicy
 
 MASK_MODES = ("student", "teacher", "mutual")
 MaskMode = Literal["student", "teacher", "mutual"]
-# The default head is a quarter as wide as the authors' (docs/training.md, "Head width and
+# The default head is an eighth as wide as the authors' (docs/training.md, "Head width and
 # precision"; docs/algorithm.md §6, departure 17).
-DEFAULT_HEAD_RATIO = 4
+DEFAULT_HEAD_RATIO = 8
 LOGIT_LOSSES = ("none", "kd", "dkd", "masked")
 LogitLoss = Literal["none", "kd", "dkd", "masked"]
 
@@ -51,7 +51,7 @@ class SoKDLoss(nn.Module):
         policy: the FeaturePolicy to learn (default: all 36 pairs of the 9 primitives).
     The DAM head and its weight map (docs/algorithm.md §4):
         heat_channels: heat outputs of the head (the authors' code uses one per class).
-        head_channels: width of each head branch; default C_t // 4 (at least 1). The
+        head_channels: width of each head branch; default C_t // 8 (at least 1). The
             authors' head is C_t wide (docs/training.md, "Head width and precision").
         head_precision: "float32", or "bfloat16"/"float16" to run the head's convolutions
             under autocast; its outputs, the DAM loss and the peak decoding stay float32.

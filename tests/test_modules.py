@@ -214,7 +214,8 @@ def test_head_options_are_validated(kwargs, error, name):
         SoKDLoss(4, 8, **kwargs)
 
 
-def test_head_width_defaults_to_a_quarter_of_the_teacher_channels():
-    assert SoKDLoss(8, 16).head.hidden_channels == 4
+def test_head_width_defaults_to_an_eighth_of_the_teacher_channels():
+    assert SoKDLoss(8, 16).head.hidden_channels == 2
+    assert SoKDLoss(8, 256).head.hidden_channels == 32
     assert SoKDLoss(2, 2).head.hidden_channels == 1
     assert SoKDLoss(8, 16, head_channels=16).head.hidden.weight.shape[0] == 48
