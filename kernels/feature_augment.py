@@ -1,4 +1,4 @@
-"""Feature augmentation (SPEC section 1): a pair of primitive ops applied in one kernel.
+"""Feature augmentation (docs/algorithm.md §1): a pair of primitive ops applied in one kernel.
 
 Each output element is evaluated from the outside in. The second op says where it reads the
 first op's output (four bilinear taps for an affine op, one tap for the others, a different

@@ -1,4 +1,4 @@
-"""DAM peak decoding (SPEC section 4) in three small kernels.
+"""DAM peak decoding (docs/algorithm.md §4) in three small kernels.
 
 1. Candidates: each program takes a chunk of one image's heat_channels x H x W values, keeps
    the local maxima of its kernel x kernel window (others become 0, as in the reference) and
@@ -149,8 +149,8 @@ def _decode_kernel(
         centre_y = y.to(ACC_TYPE) + tl.load(offset_at + offset_stride_c).to(ACC_TYPE)
         half_w = tl.load(wh_at).to(ACC_TYPE) / 2
         half_h = tl.load(wh_at + wh_stride_c).to(ACC_TYPE) / 2
-        # The reference's clamps: past the map (W, -1) so coverage is as SPEC defines it,
-        # and bounded so that huge centres cannot overflow the integer conversion.
+        # The reference's clamps: past the map (W, -1) so coverage is as docs/algorithm.md §4
+        # defines it, and bounded so that huge centres cannot overflow the integer conversion.
         x1 = tl.minimum(tl.maximum(centre_x - half_w, 0.0), width * 1.0)
         y1 = tl.minimum(tl.maximum(centre_y - half_h, 0.0), height * 1.0)
         x2 = tl.minimum(tl.maximum(centre_x + half_w, -1.0), (width - 1) * 1.0)

@@ -214,7 +214,7 @@ def top_class_mask(teacher_logits, student_logits=None, ratio=0.2):
 
 
 def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
-    """Decode DAM interest peaks into a count map (SPEC section 4).
+    """Decode DAM interest peaks into a count map (docs/algorithm.md §4).
 
     heat is N x heat_channels x H x W; wh and offset are N x 2 x H x W, as (w, h) and (x, y).
     Returns (count_map, boxes, scores): count_map float32 N x H x W counts how many of the k
@@ -250,7 +250,7 @@ def interest_map(heat, wh, offset, k=8, kernel=3, *, check_finite=False):
 
 class _StraightThroughAugment(torch.autograd.Function):
     """Forward: the augmented map. Backward: d out / d magnitude_k = 1 for every element, so
-    each magnitude receives the sum of the incoming gradient (SPEC section 2)."""
+    each magnitude receives the sum of the incoming gradient (docs/algorithm.md §2)."""
 
     # torch.func runs forward under its transforms (it is made of PyTorch ops there, as the
     # reference backend serves every op under torch.func) and derives the vmap rule from it.
@@ -291,7 +291,7 @@ def _check_op_ids(op_ids):
 
 
 def feature_augment(x, op_ids, magnitudes, generator=None, *, check_finite=False):
-    """Apply the primitive ops `op_ids` (SPEC section 1) to x (N x C x H x W), in order.
+    """Apply the primitive ops `op_ids` (docs/algorithm.md §1) to x (N x C x H x W), in order.
 
     magnitudes has one entry per op and is clamped to [0, 1]. Random draws (cutout centres,
     channel permutations, drop masks, the noise seed) come from `generator`. The result
