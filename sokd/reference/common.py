@@ -11,3 +11,9 @@ def logit_rows(logits):
     if logits.dim() == 2:
         return logits
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
+def safe_divide(numerator, denominator):
+    """numerator / denominator, and 0 (with gradient 0) where the denominator is 0."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1), 0)
