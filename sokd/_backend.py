@@ -72,14 +72,14 @@ class Backend:
 
     devices: the tensor device types it serves. interpreted_devices: those it serves only
     under TRITON_INTERPRET=1 (the Triton interpreter runs kernels on CPU tensors).
-    cannot_run: why this machine cannot run it (None when it can), whether or not it is built.
+    available(): None when this machine can run it, else the reason (built or not).
     load: imports its module (ImportError when it was not built or installed).
     registered_in: the source files that implement or register its ops.
     """
 
     name: str
     devices: tuple[str, ...] | None  # None: every device type
-    cannot_run: Callable[[], str | None]
+    available: Callable[[], str | None]
     load: Callable[[], ModuleType]
     registered_in: tuple[str, ...]
     interpreted_devices: tuple[str, ...] = ()
@@ -94,21 +94,21 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend(
         name="reference",
         devices=None,
-        cannot_run=lambda: None,
+        available=lambda: None,
         load=_load_reference,
         registered_in=("sokd/reference/",),
     ),
     "cpu": Backend(
         name="cpu",
         devices=("cpu",),
-        cannot_run=lambda: None,
+        available=lambda: None,
         load=lambda: _load_native("cpu"),
         registered_in=("sokd/native.py", "csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/"),
     ),
     "cuda": Backend(
         name="cuda",
         devices=("cuda",),
-        cannot_run=_gpu_missing,
+        available=_gpu_missing,
         load=lambda: _load_native("cuda"),
         registered_in=("sokd/native.py", "csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/"),
     ),
@@ -116,7 +116,7 @@ BACKENDS: dict[str, Backend] = {
         name="triton",
         devices=("cuda",),
         interpreted_devices=("cpu",),
-        cannot_run=_triton_cannot_run,
+        available=_triton_cannot_run,
         load=_load_triton,
         registered_in=("kernels/",),
     ),
@@ -182,7 +182,7 @@ def preload() -> None:
     """Load the backends this machine can run, so that the first op call inside
     torch.compile finds them cached (the tracer cannot follow an import)."""
     for name, backend in BACKENDS.items():
-        if name != "cuda" and backend.cannot_run() is None:
+        if name != "cuda" and backend.available() is None:
             _load(name)
 
 
@@ -197,7 +197,7 @@ def available_backends() -> list[str]:
     """Names of the built backends that can run on this machine (auto not included): cuda
     and triton only when torch sees a GPU, except that triton is listed on a CPU-only machine
     under TRITON_INTERPRET=1, since its interpreter then runs it on CPU tensors."""
-    return [name for name in built_backends() if BACKENDS[name].cannot_run() is None]
+    return [name for name in built_backends() if BACKENDS[name].available() is None]
 
 
 def empty_cache():
