@@ -142,10 +142,12 @@ def from_image_rows(view, shape):
 
 
 class _SecondDerivativeRefused(torch.autograd.Function):
-    """Identity forward; a backward through it raises."""
+    """Identity on the first derivative; a backward through it raises. It also takes the
+    op's differentiable inputs, so a second derivative with respect to them passes through it
+    and raises instead of finding them unused."""
 
     @staticmethod
-    def forward(ctx, gradient, op):
+    def forward(ctx, gradient, op, *inputs):
         ctx.op = op
         return gradient.view_as(gradient)
 
@@ -157,12 +159,20 @@ class _SecondDerivativeRefused(torch.autograd.Function):
         )
 
 
+def keep_differentiable_inputs(ctx, *inputs):
+    """Keeps the inputs that get a gradient on ctx for differentiable_once: plain references,
+    not saved tensors, so an in-place change of an input after forward stays allowed (the
+    backward does not read them)."""
+    ctx.differentiable_inputs = tuple(x for x in inputs if x.requires_grad)
+
+
 def differentiable_once(op):
-    """Decorates the backward of a fused loss. Its kernel saves the first derivative only, so
-    under create_graph=True the gradients would silently miss every second-order term: they
-    come back through a node that raises on a second backward instead. (torch's
-    once_differentiable does this only when grad_output requires grad, which a loss's seed
-    never does.)"""
+    """Decorates the backward of a fused loss whose setup_context called
+    keep_differentiable_inputs. Its kernel saves the first derivative only, so under
+    create_graph=True the gradients would silently miss every second-order term: they come
+    back through a node that raises on a second backward instead, with respect to the result
+    or to the inputs. (torch's once_differentiable does this only when grad_output requires
+    grad, which a loss's seed never does.)"""
 
     def decorate(backward):
         @functools.wraps(backward)
@@ -171,10 +181,13 @@ def differentiable_once(op):
                 return backward(ctx, *grad_outputs)
             with torch.no_grad():
                 gradients = backward(ctx, *grad_outputs)
+            inputs = ctx.differentiable_inputs
             return tuple(
                 None
                 if gradient is None
-                else _SecondDerivativeRefused.apply(gradient.detach().requires_grad_(True), op)
+                else _SecondDerivativeRefused.apply(
+                    gradient.detach().requires_grad_(True), op, *inputs
+                )
                 for gradient in gradients
             )
 

@@ -28,6 +28,7 @@ from ._common import (
     differentiable_once,
     from_image_rows,
     image_rows,
+    keep_differentiable_inputs,
     launch_strides,
     loss_dtype,
     num_warps_for,
@@ -245,6 +246,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved_grad, scale)
     ctx.save_for_backward(saved_grad)
     ctx.grad_dtype = inputs[0].dtype
+    keep_differentiable_inputs(ctx, inputs[0])
 
 
 @differentiable_once("sokd_triton::kd_loss")

@@ -20,6 +20,7 @@ from ._common import (
     accumulator_type,
     apply_saved_gradient,
     differentiable_once,
+    keep_differentiable_inputs,
     loss_dtype,
     num_warps_for,
     on_device,
@@ -186,6 +187,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved_grad, scale)
     ctx.save_for_backward(saved_grad)
     ctx.grad_dtypes = (inputs[0].dtype, inputs[1].dtype)
+    keep_differentiable_inputs(ctx, inputs[0], inputs[1])
 
 
 @differentiable_once("sokd_triton::masked_feature_loss")
