@@ -131,10 +131,8 @@ def train_student(method, teacher, train, seed, args):
             generator=torch.Generator().manual_seed(seed),
         )
 
-        def objective(x, y, augment=True):
+        def objective(x, y, teacher_feature, teacher_logits, augment=True):
             feature, logits = student(x)
-            with torch.no_grad():
-                teacher_feature, teacher_logits = teacher(x)
             sokd_loss = criterion(
                 feature, teacher_feature, logits, teacher_logits, y, augment=augment
             )
@@ -144,12 +142,10 @@ def train_student(method, teacher, train, seed, args):
         parameters = search.student_parameters()
     else:
 
-        def objective(x, y):
+        def objective(x, y, teacher_feature, teacher_logits):
             _, logits = student(x)
             loss = F.cross_entropy(logits, y)
             if method == "KD":
-                with torch.no_grad():
-                    _, teacher_logits = teacher(x)
                 loss = loss + kd_term(logits, teacher_logits)
             return loss
 
@@ -159,11 +155,13 @@ def train_student(method, teacher, train, seed, args):
     optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, weight_decay=5e-4)
     for _ in range(epochs):
         for x, y in batches(train, args.batch_size, order, args.max_steps):
-            if search is not None:
-                search.step(x, y)
-            loss = objective(x, y)
+            with torch.no_grad():
+                teacher_feature, teacher_logits = teacher(x)  # once per step
             optimizer.zero_grad()
-            loss.backward()
+            if search is not None:
+                search.backward(x, y, teacher_feature, teacher_logits)
+            else:
+                objective(x, y, teacher_feature, teacher_logits).backward()
             optimizer.step()
         if search is not None:
             search.end_epoch()
