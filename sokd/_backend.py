@@ -66,6 +66,14 @@ def _triton_cannot_run() -> str | None:
     return None if reason is None else f"{reason} and TRITON_INTERPRET is not 1"
 
 
+def _native_sources(kernel_file: str) -> tuple[str, ...]:
+    """The sokd._C files behind the native ops: each op's schema in csrc/<op>.cpp and its
+    kernel in csrc/<kernel_file> (with {op} for the op's name), the losses' autograd, and the
+    Python side (fakes and the calls into the ops)."""
+    per_op = [(f"csrc/{op}.cpp", "csrc/" + kernel_file.format(op=op)) for op in OPS]
+    return ("sokd/native.py", "csrc/autograd.cpp") + tuple(p for pair in per_op for p in pair)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the ops in OPS.
@@ -103,14 +111,14 @@ BACKENDS: dict[str, Backend] = {
         devices=("cpu",),
         available=lambda: None,
         load=lambda: _load_native("cpu"),
-        registered_in=("sokd/native.py", "csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/"),
+        registered_in=_native_sources("cpu/{op}_kernel.cpp"),
     ),
     "cuda": Backend(
         name="cuda",
         devices=("cuda",),
         available=_gpu_missing,
         load=lambda: _load_native("cuda"),
-        registered_in=("sokd/native.py", "csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cuda/"),
+        registered_in=_native_sources("cuda/{op}_kernel.cu"),
     ),
     "triton": Backend(
         name="triton",

@@ -12,6 +12,7 @@ import torch
 
 from . import _C  # loading the library registers torch.ops.sokd.*
 from .augment_ops import AFFINE_OPS
+from .reference.common import accumulation_dtype
 
 # The fused augmentation kernel takes at most this many ops, with at most this many affine
 # ops among them (each affine op multiplies the bilinear reads by 4); longer sequences run
@@ -32,12 +33,8 @@ def release_cached_outputs():
     return _ops.release_cached_outputs()
 
 
-def _loss_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_loss_outputs(student, with_grad):
-    loss = student.new_empty((), dtype=_loss_dtype(student.dtype))
+    loss = student.new_empty((), dtype=accumulation_dtype(student.dtype))
     grad = student.new_empty(student.shape) if with_grad else student.new_empty((0,))
     return loss, grad
 
