@@ -3,8 +3,10 @@
 Each launcher is a plain function with exactly the positional arguments and the outputs of
 the sokd:: op of the same name (csrc/ops.cpp): the losses return (loss, gradient) with the
 gradient already normalised, so the C++ autograd of those ops is the only autograd, whichever
-kernel runs below it. LAUNCHERS maps each op name to its launcher, for registering them as
-implementations of the sokd:: ops.
+kernel runs below it. Kernels are launched through torch.library.wrap_triton, PyTorch's
+traceable form of a Triton launch; tests/triton_compile.py records the launches there.
+LAUNCHERS maps each op name to its launcher, for registering them as implementations of the
+sokd:: ops.
 """
 
 from .decoupled_kd_loss import decoupled_kd_loss

@@ -18,6 +18,7 @@ weights travel as float32 kernel arguments.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._common import (
     accumulator_type,
@@ -408,7 +409,7 @@ def decoupled_kd_loss(
     partials = student_logits.new_empty(programs, dtype=acc_dtype)
     scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student_logits.device)
     with on_device(student_logits):
-        _decoupled_kd_kernel[(programs,)](
+        wrap_triton(_decoupled_kd_kernel)[(programs,)](
             student_rows,
             teacher_rows,
             mask_rows,

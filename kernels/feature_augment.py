@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from sokd.augment_ops import (
     AFFINE_OPS,
@@ -308,7 +309,7 @@ def _augment_pair(x, op_a, op_b, params, draw_a, draw_b, seed_a, seed_b, out_dty
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     block = augment_block(op_a, op_b, out.numel())
     with on_device(x):
-        _feature_augment_kernel[(triton.cdiv(out.numel(), block),)](
+        wrap_triton(_feature_augment_kernel)[(triton.cdiv(out.numel(), block),)](
             x,
             out,
             params,

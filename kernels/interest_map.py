@@ -18,6 +18,7 @@ the accumulation type of the reference, so the outputs are equal, not just close
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._common import accumulator_type, num_warps_for, on_device
 
@@ -233,7 +234,7 @@ def interest_map(heat, wh, offset, k, kernel):
     scores = heat.new_empty((images, k))
     count = heat.new_empty((images, height, width), dtype=torch.float32)
     with on_device(heat):
-        _candidates_kernel[plan["candidates_grid"]](
+        wrap_triton(_candidates_kernel)[plan["candidates_grid"]](
             heat,
             candidate_values,
             candidate_index,
@@ -249,7 +250,7 @@ def interest_map(heat, wh, offset, k, kernel):
             BLOCK=plan["chunk"],
             num_warps=num_warps_for(plan["chunk"]),
         )
-        _decode_kernel[plan["decode_grid"]](
+        wrap_triton(_decode_kernel)[plan["decode_grid"]](
             candidate_values,
             candidate_index,
             wh,
@@ -266,7 +267,7 @@ def interest_map(heat, wh, offset, k, kernel):
             BLOCK=plan["candidate_block"],
             num_warps=num_warps_for(plan["candidate_block"]),
         )
-        _count_kernel[plan["count_grid"]](
+        wrap_triton(_count_kernel)[plan["count_grid"]](
             boxes,
             count,
             k,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._common import (
     accumulator_type,
@@ -196,7 +197,7 @@ def kd_loss(student_logits, teacher_logits, temperature, weight, with_grad):
         )
     partials = student_logits.new_empty(programs, dtype=acc_dtype)
     with on_device(student_logits):
-        _kd_kernel[(programs,)](
+        wrap_triton(_kd_kernel)[(programs,)](
             student_rows,
             teacher_rows,
             weight_rows,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._common import (
     TARGET_PROGRAMS,
@@ -139,7 +140,7 @@ def masked_feature_loss(student, teacher, mask, normalize_by_mask, with_grad):
         scale = torch.full((), 1.0 / student.numel(), dtype=acc_dtype, device=student.device)
     partials = student.new_empty(programs, dtype=acc_dtype)
     with on_device(student):
-        _masked_feature_loss_kernel[(images * position_blocks, groups)](
+        wrap_triton(_masked_feature_loss_kernel)[(images * position_blocks, groups)](
             student_3d,
             teacher_3d,
             mask_2d,
