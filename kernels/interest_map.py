@@ -18,7 +18,7 @@ the accumulation type of the reference, so the outputs are equal, not just close
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._common import accumulator_type, num_warps_for, on_device
 
@@ -219,10 +219,9 @@ def launch_plan(images, channels, height, width, k):
     }
 
 
-@triton_op("sokd_triton::interest_map", mutates_args=())
-def _interest_map_op(
-    heat: torch.Tensor, wh: torch.Tensor, offset: torch.Tensor, k: int, kernel: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def interest_map(heat, wh, offset, k, kernel):
+    """The sokd::interest_map schema: (count map (N x H x W float32), boxes (N x k x 4
+    int64), scores (N x k, heat's dtype))."""
     images, channels, height, width = heat.shape
     acc_type = accumulator_type(heat.dtype)
     values_dtype = torch.float64 if heat.dtype == torch.float64 else torch.float32
@@ -280,20 +279,3 @@ def _interest_map_op(
             num_warps=num_warps_for(plan["block_p"] * plan["block_boxes"]),
         )
     return count, boxes, scores
-
-
-@_interest_map_op.register_fake
-def _(heat, wh, offset, k, kernel):
-    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launches, which
-    # is also what keeps torch.compile working under the Triton interpreter.
-    images, _, height, width = heat.shape
-    return (
-        heat.new_empty((images, height, width), dtype=torch.float32),
-        heat.new_empty((images, k, 4), dtype=torch.int64),
-        heat.new_empty((images, k)),
-    )
-
-
-def interest_map(heat, wh, offset, k, kernel):
-    """Backend entry point (see sokd/_backend.py): (count_map, boxes, scores), no gradient."""
-    return _interest_map_op(heat.detach(), wh.detach(), offset.detach(), k, kernel)
