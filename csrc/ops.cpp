@@ -3,8 +3,9 @@
 // CUDA kernel in csrc/cuda/<op>_kernel.cu; the autograd of the losses is csrc/autograd.cpp and
 // sokd/native.py adds the fake tensors.
 //
-// The loss ops return (loss, grad_student): the fused kernels compute the gradient in the
-// same pass as the loss, and backward only scales it.
+// The loss ops return (loss, grad_student), both in the accumulation dtype (csrc/accumulation.h):
+// the fused kernels compute the gradient in the same pass as the loss, and backward only scales
+// it. The Triton launchers of kernels/ implement the same ops (sokd/native.py routes to them).
 
 #include <Python.h>
 #include <torch/library.h>

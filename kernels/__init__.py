@@ -1,7 +1,7 @@
 """Triton kernels for sokd, installed as the subpackage `sokd.kernels`: the "triton" backend.
 
 Each launcher is a plain function with exactly the positional arguments and the outputs of
-the sokd:: op of the same name (csrc/ops.cpp): the losses return (loss, gradient) with the
+the sokd:: op of the same name (csrc/<op>.cpp): the losses return (loss, gradient) with the
 gradient already normalised, so the C++ autograd of those ops is the only autograd, whichever
 kernel runs below it. Kernels are launched through torch.library.wrap_triton, PyTorch's
 traceable form of a Triton launch; tests/triton_compile.py records the launches there.

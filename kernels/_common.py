@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sokd.reference.common import accumulation_dtype
+
 # Above this many elements per input tile the registers spill; longer rows are walked in
 # chunks of at most this size.
 MAX_TILE = 4096
@@ -22,13 +24,12 @@ MAX_TILE = 4096
 TARGET_PROGRAMS = 1024
 
 
+_TRITON_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
 def accumulator_type(dtype):
-    """float64 inputs accumulate in float64, every other floating type in float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def loss_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The Triton type of accumulation_dtype(dtype), the rule every backend follows."""
+    return _TRITON_TYPES[accumulation_dtype(dtype)]
 
 
 def num_warps_for(tile_elements):
@@ -103,10 +104,10 @@ def on_device(tensor):
 
 def gradient_like(tensor, with_grad):
     """The gradient buffer of a loss op, as the sokd:: schema returns it: contiguous, in the
-    input's dtype, or an empty placeholder of that dtype when no gradient is wanted."""
-    if not with_grad:
-        return tensor.new_empty(0)
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    accumulation dtype (float32 for 16-bit inputs, rounded once by the autograd after it
+    scales the gradient), or an empty placeholder of that dtype when no gradient is wanted."""
+    dtype = accumulation_dtype(tensor.dtype)
+    return torch.empty(tensor.shape if with_grad else (0,), dtype=dtype, device=tensor.device)
 
 
 def reciprocal_or_zero(total):

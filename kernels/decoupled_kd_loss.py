@@ -20,12 +20,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sokd.reference.common import accumulation_dtype
+
 from ._common import (
     accumulator_type,
     gradient_like,
     image_rows,
     launch_strides,
-    loss_dtype,
     on_device,
     row_alignment,
     row_tile,
@@ -394,7 +395,7 @@ def decoupled_kd_loss(
     student_logits, teacher_logits, class_mask, alpha, beta, temperature, with_grad
 ):
     """The sokd::decoupled_kd_loss schema: (loss, d loss / d student_logits), the gradient
-    normalised, contiguous and in the student logits' dtype, or empty when with_grad is false."""
+    normalised, contiguous and in the accumulation dtype, or empty when with_grad is false."""
     student_rows = image_rows(student_logits)
     teacher_rows = image_rows(teacher_logits)
     mask_rows = image_rows(class_mask)
@@ -405,7 +406,7 @@ def decoupled_kd_loss(
     block_r, block_k = row_tile(classes, rows, _MAX_TILE)
     row_blocks = triton.cdiv(rows, block_r)
     programs = images * row_blocks
-    acc_dtype = loss_dtype(student_logits.dtype)
+    acc_dtype = accumulation_dtype(student_logits.dtype)
     partials = student_logits.new_empty(programs, dtype=acc_dtype)
     scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student_logits.device)
     with on_device(student_logits):

@@ -31,6 +31,7 @@ from sokd.augment_ops import (
     NOISE,
     affine_matrix,
 )
+from sokd.reference.common import accumulation_dtype
 
 from ._common import accumulator_type, num_warps_for, on_device
 
@@ -343,7 +344,7 @@ def feature_augment(x, op_ids, values, draws, noise_seeds):
     """The sokd::feature_augment schema: op_ids applied in order to x, a contiguous map of
     x's dtype. draws[i] holds the tensor drawn for op i (None for the others) and
     noise_seeds[i] the seed of a noise op (read for noise ops only)."""
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(x.dtype)
     values = values.to(device=x.device, dtype=torch.float32)
     out = x
     for start in range(0, len(op_ids), 2):

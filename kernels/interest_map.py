@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sokd.reference.common import accumulation_dtype
+
 from ._common import accumulator_type, num_warps_for, on_device
 
 # A flat index past every real one marks an unused candidate slot.
@@ -224,7 +226,7 @@ def interest_map(heat, wh, offset, k, kernel):
     int64), scores (N x k, heat's dtype))."""
     images, channels, height, width = heat.shape
     acc_type = accumulator_type(heat.dtype)
-    values_dtype = torch.float64 if heat.dtype == torch.float64 else torch.float32
+    values_dtype = accumulation_dtype(heat.dtype)
     plan = launch_plan(images, channels, height, width, k)
     chunks = plan["chunks"]
     radius = (kernel - 1) // 2

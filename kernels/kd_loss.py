@@ -8,7 +8,7 @@ its gradient T * w * (softmax(s/T) - softmax(t/T)) written from registers. Longe
 
 Per-program partial sums are added by torch in a fixed order (deterministic). The normalising
 scale 1 / (rows or the weight sum) is computed on the device before the launch and read by the
-kernel, which writes the gradient already normalised, in the student's dtype. A weight summing
+kernel, which writes the gradient already normalised, in the accumulation type. A weight summing
 to 0 gives scale 0: loss and gradient 0.
 
 The temperature travels as a float32 kernel argument; float64 inputs otherwise compute in
@@ -22,12 +22,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sokd.reference.common import accumulation_dtype
+
 from ._common import (
     accumulator_type,
     gradient_like,
     image_rows,
     launch_strides,
-    loss_dtype,
     num_warps_for,
     on_device,
     per_row,
@@ -177,7 +178,7 @@ def _kd_kernel(
 
 def kd_loss(student_logits, teacher_logits, temperature, weight, with_grad):
     """The sokd::kd_loss schema: (loss, d loss / d student_logits), the gradient normalised,
-    contiguous and in the student logits' dtype, or empty when with_grad is false."""
+    contiguous and in the accumulation dtype, or empty when with_grad is false."""
     student_rows = image_rows(student_logits)
     teacher_rows = image_rows(teacher_logits)
     images, classes, rows = student_rows.shape
@@ -188,7 +189,7 @@ def kd_loss(student_logits, teacher_logits, temperature, weight, with_grad):
     block_r, block_k = row_tile(classes, rows)
     row_blocks = triton.cdiv(rows, block_r)
     programs = images * row_blocks
-    acc_dtype = loss_dtype(student_logits.dtype)
+    acc_dtype = accumulation_dtype(student_logits.dtype)
     if weight is not None:
         scale = reciprocal_or_zero(weight.sum(dtype=acc_dtype))
     else:

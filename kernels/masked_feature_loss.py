@@ -4,7 +4,7 @@ Each program owns a block of spatial positions of one image and a group of chann
 the mask block once, walks its channels, writes the gradient 2 * mask^2 * (s - t) / Z and one
 partial sum. The partials are added by torch in a fixed order, so the loss is deterministic.
 1 / Z comes from the mask (C * sum(mask^2)) or the size before the launch, on the device, so
-the kernel writes the gradient already normalised, in the student's dtype: 2 m^2 / Z is formed
+the kernel writes the gradient already normalised, in the accumulation type: 2 m^2 / Z is formed
 in the accumulation type first, as 2 m^2 (s - t) alone would overflow float16 long before the
 gradient does. An all-zero mask under normalize_by_mask gives 1 / Z = 0: loss and gradient 0.
 """
@@ -16,11 +16,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from sokd.reference.common import accumulation_dtype
+
 from ._common import (
     TARGET_PROGRAMS,
     accumulator_type,
     gradient_like,
-    loss_dtype,
     num_warps_for,
     on_device,
     reciprocal_or_zero,
@@ -119,7 +120,7 @@ def _launch_shape(images, channels, positions):
 
 def masked_feature_loss(student, teacher, mask, normalize_by_mask, with_grad):
     """The sokd::masked_feature_loss schema: (loss, d loss / d student), the gradient
-    normalised, contiguous and in the student's dtype, or empty when with_grad is false."""
+    normalised, contiguous and in the accumulation dtype, or empty when with_grad is false."""
     images, channels = student.shape[:2]
     student_3d = student.reshape(images, channels, -1)
     teacher_3d = teacher.reshape(images, channels, -1)
@@ -133,7 +134,7 @@ def masked_feature_loss(student, teacher, mask, normalize_by_mask, with_grad):
     block_c, block_p, groups, channels_per_group = _launch_shape(images, channels, positions)
     position_blocks = triton.cdiv(positions, block_p)
     programs = images * position_blocks * groups
-    acc_dtype = loss_dtype(student.dtype)
+    acc_dtype = accumulation_dtype(student.dtype)
     if mask is not None and normalize_by_mask:
         scale = reciprocal_or_zero(channels * mask.to(acc_dtype).square().sum())
     else:

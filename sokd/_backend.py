@@ -14,7 +14,9 @@ teacher). The loss is float32 for half and float32 inputs and float64 for float6
 
 The backends are data: BACKENDS holds one record per backend (the devices it serves, why this
 machine cannot run it, how its module is loaded, where its ops live), and selection reads only
-that table.
+that table. The cpu, cuda and triton backends share one module, sokd.native, which calls the
+sokd:: ops; they differ in the kernel that runs below the op's autograd, which the op's router
+asks of runs_triton.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def _load_native(device_type: str) -> ModuleType:
 
 
 def _load_triton() -> ModuleType:
-    from . import kernels  # raises ImportError without triton
+    from . import kernels  # noqa: F401 (raises ImportError without triton)
+    from . import native  # the sokd:: ops, whose routers run the launchers of kernels/
 
-    return kernels
+    return native
 
 
 def _gpu_missing() -> str | None:
@@ -126,7 +129,7 @@ BACKENDS: dict[str, Backend] = {
         interpreted_devices=("cpu",),
         available=_triton_cannot_run,
         load=_load_triton,
-        registered_in=("kernels/",),
+        registered_in=("kernels/", "sokd/native.py"),
     ),
 }
 
@@ -236,16 +239,36 @@ def _fallback_to_reference(device, reason):
     return _load("reference")
 
 
+def _auto_candidates(op, device) -> tuple[str, ...]:
+    return AUTO_ORDER["cuda"][op] if device.type == "cuda" else AUTO_ORDER["cpu"]
+
+
+def _auto_choice(op, device) -> str | None:
+    """The backend that "auto" runs `op` with on `device`, or None when none of its
+    candidates is usable."""
+    for candidate in _auto_candidates(op, device):
+        if _runs_on(candidate, device) and _load(candidate) is not None:
+            return candidate
+    return None
+
+
+def runs_triton(op, device) -> bool:
+    """Whether the kernel below the sokd:: op `op` for tensors on `device` is the Triton
+    launcher: the triton backend is selected, or "auto" chooses it for that op."""
+    name = get_backend()
+    if name == "auto":
+        name = _auto_choice(op, device)
+    return name == "triton"
+
+
 def resolve(op, device):
     """The backend module that runs `op` for tensors on `device`."""
     name = get_backend()
     if name == "auto":
-        candidates = AUTO_ORDER["cuda"][op] if device.type == "cuda" else AUTO_ORDER["cpu"]
-        for candidate in candidates:
-            if _runs_on(candidate, device):
-                module = _load(candidate)
-                if module is not None:
-                    return module
+        choice = _auto_choice(op, device)
+        if choice is not None:
+            return _load(choice)
+        candidates = _auto_candidates(op, device)
         reasons = "; ".join(_load_errors.get(c, f"{c} does not run here") for c in candidates)
         return _fallback_to_reference(device, reasons)
     if not _runs_on(name, device):

@@ -301,7 +301,7 @@ def test_contract_cell(op, backend, feature, cell):
         else:
             assert feature == "double backward" and case.grad_index is None
         return
-    match = re.fullmatch(r"(works|raises (\w+Error)(?:: (.+))?) \(tested\)( ¹)?", cell)
+    match = re.fullmatch(r"(works|raises (\w+Error)(?:: (.+))?) \(tested\)", cell)
     assert match, f"cell {cell!r} is neither 'works (tested)' nor 'raises <Error> (tested)'"
     if cell.startswith("works"):
         check(case, backend, device)

@@ -517,9 +517,10 @@ def test_compile_traces_sokd_loss_without_graph_break():
     torch.testing.assert_close(total, eager)
 
 
-def test_cuda_kernels_registered_exactly_when_built_with_cuda():
+def test_every_op_has_a_cpu_kernel_and_a_cuda_router():
+    """The CUDA key holds the router between the Triton launcher and the C++ CUDA kernel
+    whether or not the latter was built; supported_devices says whether it was."""
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sokd::{op}", "CPU")
-        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"sokd::{op}", "CUDA")
-        assert has_cuda == bool(_C.WITH_CUDA), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sokd::{op}", "CUDA")
     assert ("cuda" in native.supported_devices()) == bool(_C.WITH_CUDA)

@@ -25,6 +25,7 @@ from sokd.augment_ops import (
     TRANSLATE_X,
     draw_randomness,
 )
+from sokd.reference.common import accumulation_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -62,7 +63,7 @@ def assert_loss_and_grad(launched, expected, dtype, with_grad):
     assert loss.shape == expected_loss.shape == ()
     assert loss.dtype == expected_loss.dtype
     assert grad.shape == expected_grad.shape
-    assert grad.dtype == expected_grad.dtype == dtype
+    assert grad.dtype == expected_grad.dtype == accumulation_dtype(dtype)
     if with_grad:
         assert grad.is_contiguous()
     else:

@@ -247,7 +247,7 @@ std::tuple<Tensor, Tensor> decoupled_kd_loss(const Tensor& student, const Tensor
                                                class_mask.contiguous(), alpha, beta,
                                                temperature, with_grad);
   });
-  return result;
+  return with_accumulation_grad(std::move(result), student.scalar_type());
 }
 
 }  // namespace

@@ -248,7 +248,7 @@ std::tuple<Tensor, Tensor> kd_loss(const Tensor& student, const Tensor& teacher,
     result = kd_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(), temperature,
                                      weight, with_grad);
   });
-  return result;
+  return with_accumulation_grad(std::move(result), student.scalar_type());
 }
 
 }  // namespace

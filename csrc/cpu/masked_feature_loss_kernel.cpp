@@ -128,7 +128,7 @@ std::tuple<Tensor, Tensor> masked_feature_loss(const Tensor& student, const Tens
     result = masked_feature_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(),
                                                  mask, normalize_by_mask, with_grad);
   });
-  return result;
+  return with_accumulation_grad(std::move(result), student.scalar_type());
 }
 
 }  // namespace

@@ -189,7 +189,7 @@ std::tuple<Tensor, Tensor> decoupled_kd_loss(const Tensor& student_in, const Ten
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_finish_sum<acc_t>(row_loss, row_count, temp * temp, loss);
   });
-  return {loss, grad};
+  return with_accumulation_grad({loss, grad}, student.scalar_type());
 }
 
 }  // namespace

@@ -201,7 +201,7 @@ std::tuple<Tensor, Tensor> kd_loss(const Tensor& student_in, const Tensor& teach
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_finish_sum<acc_t>(weighted_kl, weight_total, temp * temp, loss);
   });
-  return {loss, grad};
+  return with_accumulation_grad({loss, grad}, student.scalar_type());
 }
 
 }  // namespace

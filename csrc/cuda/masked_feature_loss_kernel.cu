@@ -129,7 +129,7 @@ std::tuple<Tensor, Tensor> masked_feature_loss(const Tensor& student_in, const T
     }
     launch_finish_sum<acc_t>(partials, normaliser, acc_t(1), loss);
   });
-  return {loss, grad};
+  return with_accumulation_grad({loss, grad}, student.scalar_type());
 }
 
 }  // namespace
