@@ -27,7 +27,9 @@ inline c10::ScalarType accumulation_dtype(c10::ScalarType input) {
 inline std::tuple<at::Tensor, at::Tensor> with_accumulation_grad(
     std::tuple<at::Tensor, at::Tensor> loss_and_grad, c10::ScalarType input) {
   auto& grad = std::get<1>(loss_and_grad);
-  grad = grad.to(accumulation_dtype(input));
+  const c10::ScalarType dtype = accumulation_dtype(input);
+  // Checked first: Tensor::to goes through the dispatcher even when it has nothing to do.
+  if (grad.scalar_type() != dtype) grad = grad.to(dtype);
   return loss_and_grad;
 }
 

@@ -74,7 +74,8 @@ bool can_hand_over(const Tensor& grad) {
 // grad * grad_loss, rounded once to the input's dtype: the kernels save the gradient in the
 // accumulation dtype (float32 for 16-bit inputs).
 Tensor scaled(const Tensor& grad, const Tensor& grad_loss, c10::ScalarType input_dtype) {
-  return (grad * grad_loss.to(grad.scalar_type())).to(input_dtype);
+  Tensor product = grad * grad_loss.to(grad.scalar_type());
+  return product.scalar_type() == input_dtype ? product : product.to(input_dtype);
 }
 
 // d loss / d student from the saved gradient, or an undefined tensor when it is not `needed`.
