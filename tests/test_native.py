@@ -3,6 +3,9 @@ dtypes, odd and non-contiguous shapes, random draws, bad input, torch.compile an
 registration of the CUDA kernels."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -515,6 +518,28 @@ def test_compile_traces_sokd_loss_without_graph_break():
     total = torch.compile(step, fullgraph=True, backend="aot_eager")(student, logits)
     total.backward()
     torch.testing.assert_close(total, eager)
+
+
+def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python():
+    """Without the Triton interpreter the CPU key keeps the C++ kernels (no Python per call);
+    the CUDA key holds the router of sokd/native.py. The choice is made at import, so it is
+    checked in a fresh process."""
+    script = (
+        "import torch, sokd.native\n"
+        "for op in sokd.native.OPS:\n"
+        "    rows = torch._C._dispatch_dump_table(f'sokd::{op}').splitlines()\n"
+        "    print(op, *(r for r in rows if r.startswith(('CPU:', 'CUDA:'))), sep='|')\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    tables = dict(line.split("|", 1) for line in result.stdout.splitlines())
+    assert set(tables) == set(OPS)
+    for op, rows in tables.items():
+        cpu, cuda = rows.split("|")
+        assert f"csrc/cpu/{op}_kernel.cpp" in cpu, cpu
+        assert "sokd/native.py" in cuda, cuda
 
 
 def test_every_op_has_a_cpu_kernel_and_a_cuda_router():
