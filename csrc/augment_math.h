@@ -1,5 +1,5 @@
 #pragma once
-// Fused feature augmentation (SPEC section 1), shared by csrc/cpu and csrc/cuda.
+// Fused feature augmentation (docs/algorithm.md §1), shared by csrc/cpu and csrc/cuda.
 //
 // Every primitive is linear in the map, up to the additive noise, so an output element is a
 // weighted sum of input elements plus noise terms. augmented_value walks the op chain from

@@ -1,5 +1,6 @@
-// Autograd of the fused loss ops, for every device. The kernels return the input gradient
-// beside the loss, so backward only scales that saved gradient by grad_output.
+// Autograd of the fused loss ops, for every device and every kernel below it: the C++ kernels
+// and the Triton launchers that sokd/native.py routes to. The kernels return the input
+// gradient beside the loss, so backward only scales that saved gradient by grad_output.
 //
 // These are C++ functions rather than PyTorch's Python register_autograd because its wrapper
 // costs more than the kernels at common logit sizes: on a CPU core it added about 75 us to
@@ -70,6 +71,13 @@ bool can_hand_over(const Tensor& grad) {
          grad.storage().use_count() == 1;
 }
 
+// grad * grad_loss, rounded once to the input's dtype: the kernels save the gradient in the
+// accumulation dtype (float32 for 16-bit inputs).
+Tensor scaled(const Tensor& grad, const Tensor& grad_loss, c10::ScalarType input_dtype) {
+  Tensor product = grad * grad_loss.to(grad.scalar_type());
+  return product.scalar_type() == input_dtype ? product : product.to(input_dtype);
+}
+
 // d loss / d student from the saved gradient, or an undefined tensor when it is not `needed`.
 Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool needed,
                          const char* op) {
@@ -77,6 +85,8 @@ Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool nee
   Tensor grad = ctx->get_saved_variables()[0];
   // The inputs are needed by a second backward only; a graph that is freed now drops them.
   const std::vector<Tensor> inputs = ctx->saved_data.at("inputs").toTensorVector();
+  // The student comes first; it fixes the dtype of the gradients.
+  const c10::ScalarType input_dtype = inputs.front().scalar_type();
   if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("inputs");
   // with_grad=False saves a 1-D empty tensor; a real gradient has the logits' or features'
   // 2 or 4 dimensions. The rank is known under tracing, where sizes may be symbolic.
@@ -90,7 +100,7 @@ Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool nee
     Tensor first_order;
     {
       at::NoGradGuard no_grad;
-      first_order = grad * grad_loss.to(grad.scalar_type());
+      first_order = scaled(grad, grad_loss, input_dtype);
     }
     first_order.requires_grad_(true);
     const std::string message = std::string(op) +
@@ -109,11 +119,11 @@ Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool nee
   // loss.backward() seeds 1, so the saved gradient is the answer itself. Handing it over
   // spares a full read and write and, on the CPU, the page faults of a fresh tensor. On a
   // GPU, reading the seed would cost a sync.
-  if (grad.is_cpu() && holds_plain_value(grad_loss) && grad_loss.item<double>() == 1.0 &&
-      can_hand_over(grad)) {
+  if (grad.is_cpu() && grad.scalar_type() == input_dtype && holds_plain_value(grad_loss) &&
+      grad_loss.item<double>() == 1.0 && can_hand_over(grad)) {
     return grad;
   }
-  return grad * grad_loss.to(grad.scalar_type());
+  return scaled(grad, grad_loss, input_dtype);
 }
 
 template <typename Schema>

@@ -1,5 +1,5 @@
 #pragma once
-// Peak ordering and box decoding of interest_map (SPEC section 4), shared by csrc/cpu and
+// Peak ordering and box decoding of interest_map (docs/algorithm.md §4), shared by csrc/cpu and
 // csrc/cuda so both pick the same peaks and the same boxes as the reference.
 
 #include <c10/macros/Macros.h>

@@ -1,5 +1,5 @@
 #pragma once
-// Per-element and per-row math of the fused losses (SPEC section 5), shared by csrc/cpu and
+// Per-element and per-row math of the fused losses (docs/algorithm.md §5), shared by csrc/cpu and
 // csrc/cuda. V is the value type: a scalar on CUDA and in CPU tails, a Vectorized lane group
 // in the CPU main loops. Each routine returns the loss term and writes the input gradient in
 // the same pass, so backward only has to scale it.
@@ -104,7 +104,7 @@ C10_HOST_DEVICE inline V log_add_exp(V a, V b) {
   return M::select(low == V(M::lowest()), high, high + M::log(V(1) + M::exp(low - high)));
 }
 
-// Decoupled KD over one row with class set G (SPEC section 5), in three passes over the
+// Decoupled KD over one row with class set G (docs/algorithm.md §5), in three passes over the
 // classes. Each step takes one class; with Vectorized V, either a group of classes of one row
 // (the lanes are then reduced into scalars) or one class of several rows side by side. `in`
 // says which classes are in G.

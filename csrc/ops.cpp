@@ -1,10 +1,11 @@
-// The sokd operator library: every schema in one place. The CPU kernels register in
-// csrc/cpu, the CUDA kernels in csrc/cuda, the autograd of the losses in csrc/autograd.cpp;
+// The sokd operator library and the module init of sokd._C. Each op has its schema in
+// csrc/<op>.cpp (a TORCH_LIBRARY_FRAGMENT), its CPU kernel in csrc/cpu/<op>_kernel.cpp, its
+// CUDA kernel in csrc/cuda/<op>_kernel.cu; the autograd of the losses is csrc/autograd.cpp and
 // sokd/native.py adds the fake tensors.
 //
-// The loss ops return (loss, grad_student): the fused kernels compute the gradient in the
-// same pass as the loss, and backward only scales it. With with_grad=false the gradient is
-// skipped and returned empty.
+// The loss ops return (loss, grad_student), both in the accumulation dtype (csrc/accumulation.h):
+// the fused kernels compute the gradient in the same pass as the loss, and backward only scales
+// it. The Triton launchers of kernels/ implement the same ops (sokd/native.py routes to them).
 
 #include <Python.h>
 #include <torch/library.h>
@@ -32,15 +33,5 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(sokd, m) {
-  m.def("masked_feature_loss(Tensor student, Tensor teacher, Tensor? mask, "
-        "bool normalize_by_mask, bool with_grad) -> (Tensor, Tensor)");
-  m.def("kd_loss(Tensor student_logits, Tensor teacher_logits, float temperature, "
-        "Tensor? weight, bool with_grad) -> (Tensor, Tensor)");
-  m.def("decoupled_kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor class_mask, "
-        "float alpha, float beta, float temperature, bool with_grad) -> (Tensor, Tensor)");
-  m.def("interest_map(Tensor heat, Tensor wh, Tensor offset, int k, int kernel) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("feature_augment(Tensor x, int[] op_ids, Tensor values, Tensor?[] draws, "
-        "int[] noise_seeds) -> Tensor");
   m.def("release_cached_outputs() -> int", &sokd::cpu::release_cached_outputs);
 }

@@ -1,8 +1,12 @@
 """Triton kernels for sokd, installed as the subpackage `sokd.kernels`: the "triton" backend.
 
-Each op is a PyTorch `triton_op` custom op (namespace sokd_triton) with its autograd formula beside
-the kernel, so `torch.compile(fullgraph=True)` traces it. The functions exported here implement
-the backend contract documented in sokd/_backend.py.
+Each launcher is a plain function with exactly the positional arguments and the outputs of
+the sokd:: op of the same name (csrc/<op>.cpp): the losses return (loss, gradient) with the
+gradient already normalised, so the C++ autograd of those ops is the only autograd, whichever
+kernel runs below it. Kernels are launched through torch.library.wrap_triton, PyTorch's
+traceable form of a Triton launch; tests/triton_compile.py records the launches there.
+LAUNCHERS maps each op name to its launcher, for registering them as implementations of the
+sokd:: ops.
 """
 
 from .decoupled_kd_loss import decoupled_kd_loss
@@ -11,7 +15,16 @@ from .interest_map import interest_map
 from .kd_loss import kd_loss
 from .masked_feature_loss import masked_feature_loss
 
+LAUNCHERS = {
+    "decoupled_kd_loss": decoupled_kd_loss,
+    "feature_augment": feature_augment,
+    "interest_map": interest_map,
+    "kd_loss": kd_loss,
+    "masked_feature_loss": masked_feature_loss,
+}
+
 __all__ = [
+    "LAUNCHERS",
     "decoupled_kd_loss",
     "feature_augment",
     "interest_map",

@@ -1,4 +1,4 @@
-"""Launch heuristics, tensor views and the backward guard shared by the Triton kernels.
+"""Launch heuristics, tensor views and output buffers shared by the Triton kernels.
 
 Block sizes come from these heuristics rather than from `triton.autotune`: a choice that
 depends only on the shape keeps every reduction's summation order fixed from one process to
@@ -9,12 +9,13 @@ tiles, and at least a few thousand programs in flight when the shape allows it.
 """
 
 import contextlib
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from sokd.reference.common import accumulation_dtype
 
 # Above this many elements per input tile the registers spill; longer rows are walked in
 # chunks of at most this size.
@@ -23,13 +24,12 @@ MAX_TILE = 4096
 TARGET_PROGRAMS = 1024
 
 
+_TRITON_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
 def accumulator_type(dtype):
-    """float64 inputs accumulate in float64, every other floating type in float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def loss_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The Triton type of accumulation_dtype(dtype), the rule every backend follows."""
+    return _TRITON_TYPES[accumulation_dtype(dtype)]
 
 
 def num_warps_for(tile_elements):
@@ -102,82 +102,15 @@ def on_device(tensor):
     return contextlib.nullcontext()
 
 
-def saved_gradient_dtype(dtype):
-    """float16 and bfloat16 gradients are kept in float32 until backward has applied the
-    incoming gradient, so they are rounded to their own type once, as the float32 result of
-    the reference is. Other types keep their own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def saved_gradient_like(view, compute_grad):
-    """The buffer for a saved gradient (same strides as `view` when it is dense, float32 for
-    half types), or an empty placeholder when no gradient is wanted."""
-    if not compute_grad:
-        return view.new_empty(0)
-    return torch.empty_like(view, dtype=saved_gradient_dtype(view.dtype))
+def gradient_like(tensor, with_grad):
+    """The gradient buffer of a loss op, as the sokd:: schema returns it: contiguous, in the
+    accumulation dtype (float32 for 16-bit inputs, rounded once by the autograd after it
+    scales the gradient), or an empty placeholder of that dtype when no gradient is wanted."""
+    dtype = accumulation_dtype(tensor.dtype)
+    return torch.empty(tensor.shape if with_grad else (0,), dtype=dtype, device=tensor.device)
 
 
 def reciprocal_or_zero(total):
     """1 / total as a 0-d tensor, 0 where total is 0; computed on the device, no sync."""
     nonzero = total != 0
     return torch.where(nonzero, 1 / torch.where(nonzero, total, 1), 0)
-
-
-def apply_saved_gradient(saved, grad_loss, dtype):
-    """d loss / d input = saved * grad_loss in one pass, rounded once to the input's dtype.
-
-    The saved gradient already carries the loss's normalisation, so this is the only pass
-    backward makes. It always makes it: handing the saved buffer itself to a seed of 1 would
-    alias it with the result of every later backward through a retained graph, and on a GPU
-    reading the seed would cost a host sync."""
-    result = torch.empty_like(saved, dtype=dtype)
-    return torch.mul(saved, grad_loss, out=result)
-
-
-def from_image_rows(view, shape):
-    """Undo `image_rows`: the (images, classes, rows) view back in the logits' own shape."""
-    if len(shape) == 2:
-        return view[0].t()
-    return view.view(shape)
-
-
-class _SecondDerivativeRefused(torch.autograd.Function):
-    """Identity forward; a backward through it raises."""
-
-    @staticmethod
-    def forward(ctx, gradient, op):
-        ctx.op = op
-        return gradient.view_as(gradient)
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(
-            f"{ctx.op} is differentiable once: its fused kernel saves the first derivative "
-            "only. Use the reference backend for higher-order gradients."
-        )
-
-
-def differentiable_once(op):
-    """Decorates the backward of a fused loss. Its kernel saves the first derivative only, so
-    under create_graph=True the gradients would silently miss every second-order term: they
-    come back through a node that raises on a second backward instead. (torch's
-    once_differentiable does this only when grad_output requires grad, which a loss's seed
-    never does.)"""
-
-    def decorate(backward):
-        @functools.wraps(backward)
-        def guarded(ctx, *grad_outputs):
-            if not torch.is_grad_enabled():
-                return backward(ctx, *grad_outputs)
-            with torch.no_grad():
-                gradients = backward(ctx, *grad_outputs)
-            return tuple(
-                None
-                if gradient is None
-                else _SecondDerivativeRefused.apply(gradient.detach().requires_grad_(True), op)
-                for gradient in gradients
-            )
-
-        return guarded
-
-    return decorate

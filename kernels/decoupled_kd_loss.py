@@ -11,27 +11,25 @@ whole group). From them, with a = s/T and b = t/T:
 where j is the group of class c and q is the softmax within that group. A group that holds no
 class of the row contributes nothing; whether it holds one comes from the class mask, never
 from the sums, so a row of -inf logits gives NaN as the reference does. Rows, tiles, chunking,
-partial sums and the scaled saved gradient work as in kd_loss.py; the temperature and the
+partial sums and the normalised gradient work as in kd_loss.py; the temperature and the
 weights travel as float32 kernel arguments.
 """
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from sokd.reference.common import accumulation_dtype
 
 from ._common import (
     accumulator_type,
-    apply_saved_gradient,
-    differentiable_once,
-    from_image_rows,
+    gradient_like,
     image_rows,
     launch_strides,
-    loss_dtype,
     on_device,
     row_alignment,
     row_tile,
-    saved_gradient_like,
 )
 from ._online_softmax import log_sum_exp, merge_chunk
 
@@ -393,30 +391,25 @@ def _decoupled_kd_kernel(
                 )
 
 
-@triton_op("sokd_triton::decoupled_kd_loss", mutates_args=())
-def _decoupled_kd_loss_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    class_mask: torch.Tensor,
-    alpha: float,
-    beta: float,
-    temperature: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, scaled student gradient (float32 for half inputs), 1 / rows) for decoupled KD."""
-    student_rows = image_rows(student)
-    teacher_rows = image_rows(teacher)
+def decoupled_kd_loss(
+    student_logits, teacher_logits, class_mask, alpha, beta, temperature, with_grad
+):
+    """The sokd::decoupled_kd_loss schema: (loss, d loss / d student_logits), the gradient
+    normalised, contiguous and in the accumulation dtype, or empty when with_grad is false."""
+    student_rows = image_rows(student_logits)
+    teacher_rows = image_rows(teacher_logits)
     mask_rows = image_rows(class_mask)
     images, classes, rows = student_rows.shape
-    grad_rows = saved_gradient_like(student_rows, compute_grad)
+    grad = gradient_like(student_logits, with_grad)
+    grad_rows = image_rows(grad) if with_grad else grad
 
     block_r, block_k = row_tile(classes, rows, _MAX_TILE)
     row_blocks = triton.cdiv(rows, block_r)
     programs = images * row_blocks
-    acc_dtype = loss_dtype(student.dtype)
-    partials = student.new_empty(programs, dtype=acc_dtype)
-    scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student.device)
-    with on_device(student):
+    acc_dtype = accumulation_dtype(student_logits.dtype)
+    partials = student_logits.new_empty(programs, dtype=acc_dtype)
+    scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student_logits.device)
+    with on_device(student_logits):
         wrap_triton(_decoupled_kd_kernel)[(programs,)](
             student_rows,
             teacher_rows,
@@ -430,52 +423,16 @@ def _decoupled_kd_loss_op(
             *launch_strides(student_rows),
             *launch_strides(teacher_rows),
             *launch_strides(mask_rows),
-            *(launch_strides(grad_rows) if compute_grad else (0, 0, 0)),
+            *(launch_strides(grad_rows) if with_grad else (0, 0, 0)),
             temperature,
             alpha,
             beta,
-            COMPUTE_GRAD=compute_grad,
-            ACC_TYPE=accumulator_type(student.dtype),
+            COMPUTE_GRAD=with_grad,
+            ACC_TYPE=accumulator_type(student_logits.dtype),
             BLOCK_R=block_r,
             BLOCK_K=block_k,
             SINGLE_CHUNK=classes <= block_k,
             ROW_ALIGN=row_alignment(classes, student_rows, teacher_rows, mask_rows, grad_rows),
             num_warps=_num_warps(block_r * block_k),
         )
-    grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows
-    return partials.sum() * scale, grad, scale
-
-
-@_decoupled_kd_loss_op.register_fake
-def _(student, teacher, class_mask, alpha, beta, temperature, compute_grad):
-    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
-    # is also what keeps torch.compile working under the Triton interpreter.
-    acc_dtype = loss_dtype(student.dtype)
-    grad = saved_gradient_like(student, compute_grad)
-    return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    _, saved_grad, scale = output
-    ctx.mark_non_differentiable(saved_grad, scale)
-    ctx.save_for_backward(saved_grad)
-    ctx.grad_dtype = inputs[0].dtype
-
-
-@differentiable_once("sokd_triton::decoupled_kd_loss")
-def _backward(ctx, grad_loss, _grad_saved, _grad_scale):
-    (saved_grad,) = ctx.saved_tensors
-    grad = apply_saved_gradient(saved_grad, grad_loss, ctx.grad_dtype)
-    return grad, None, None, None, None, None, None
-
-
-_decoupled_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def decoupled_kd_loss(student, teacher, class_mask, alpha, beta, temperature):
-    """Backend entry point (see sokd/_backend.py): the loss, differentiable in the student."""
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, _, _ = _decoupled_kd_loss_op(
-        student, teacher.detach(), class_mask, alpha, beta, temperature, compute_grad
-    )
-    return loss
+    return partials.sum() * scale, grad

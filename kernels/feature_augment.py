@@ -1,4 +1,4 @@
-"""Feature augmentation (SPEC section 1): a pair of primitive ops applied in one kernel.
+"""Feature augmentation (docs/algorithm.md §1): a pair of primitive ops applied in one kernel.
 
 Each output element is evaluated from the outside in. The second op says where it reads the
 first op's output (four bilinear taps for an affine op, one tap for the others, a different
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from sokd.augment_ops import (
     AFFINE_OPS,
@@ -31,6 +31,7 @@ from sokd.augment_ops import (
     NOISE,
     affine_matrix,
 )
+from sokd.reference.common import accumulation_dtype
 
 from ._common import accumulator_type, num_warps_for, on_device
 
@@ -303,18 +304,7 @@ def augment_block(op_a, op_b, numel):
     return min(largest, triton.next_power_of_2(numel))
 
 
-@triton_op("sokd_triton::feature_augment_pair", mutates_args=())
-def _augment_pair_op(
-    x: torch.Tensor,
-    op_a: int,
-    op_b: int,
-    params: torch.Tensor,
-    draw_a: torch.Tensor | None,
-    draw_b: torch.Tensor | None,
-    seed_a: int,
-    seed_b: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
+def _augment_pair(x, op_a, op_b, params, draw_a, draw_b, seed_a, seed_b, out_dtype):
     """op_b(op_a(x)) as a contiguous map of out_dtype; op_b may be NO_OP."""
     _, channels, height, width = x.shape
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -344,42 +334,37 @@ def _augment_pair_op(
     return out
 
 
-@_augment_pair_op.register_fake
-def _(x, op_a, op_b, params, draw_a, draw_b, seed_a, seed_b, out_dtype):
-    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
-    # is also what keeps torch.compile working under the Triton interpreter.
-    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
-
-
 def _op_parameters(op, value):
     """The kernel's parameter row of one op: v, then theta (zeros for non-affine ops)."""
     theta = affine_matrix(op, value).reshape(6) if op in AFFINE_OPS else value.new_zeros(6)
     return torch.cat((value.reshape(1), theta))
 
 
-def feature_augment(x, op_ids, values, draws):
-    """Backend entry point (see sokd/_backend.py): op_ids applied in order, no autograd."""
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+def feature_augment(x, op_ids, values, draws, noise_seeds):
+    """The sokd::feature_augment schema: op_ids applied in order to x, a contiguous map of
+    x's dtype. draws[i] holds the tensor drawn for op i (None for the others) and
+    noise_seeds[i] the seed of a noise op (read for noise ops only)."""
+    acc_dtype = accumulation_dtype(x.dtype)
     values = values.to(device=x.device, dtype=torch.float32)
-    out = x.detach()
+    out = x
     for start in range(0, len(op_ids), 2):
         pair = list(op_ids[start : start + 2])
         pair_draws = list(draws[start : start + 2])
         rows = [_op_parameters(op, value) for op, value in zip(pair, values[start : start + 2])]
+        seeds = [seed if op == NOISE else 0 for op, seed in zip(pair, noise_seeds[start:])]
         if len(pair) == 1:
             pair.append(NO_OP)
             pair_draws.append(None)
             rows.append(values.new_zeros(_PARAMS_PER_OP.value))
-        tensors = [draw if isinstance(draw, torch.Tensor) else None for draw in pair_draws]
-        seeds = [draw if op == NOISE else 0 for op, draw in zip(pair, pair_draws)]
+            seeds.append(0)
         last = start + 2 >= len(op_ids)
-        out = _augment_pair_op(
+        out = _augment_pair(
             out,
             pair[0],
             pair[1],
             torch.stack(rows),
-            tensors[0],
-            tensors[1],
+            pair_draws[0],
+            pair_draws[1],
             seeds[0],
             seeds[1],
             x.dtype if last else acc_dtype,

@@ -1,4 +1,4 @@
-"""DAM peak decoding (SPEC section 4) in three small kernels.
+"""DAM peak decoding (docs/algorithm.md §4) in three small kernels.
 
 1. Candidates: each program takes a chunk of one image's heat_channels x H x W values, keeps
    the local maxima of its kernel x kernel window (others become 0, as in the reference) and
@@ -18,7 +18,9 @@ the accumulation type of the reference, so the outputs are equal, not just close
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from sokd.reference.common import accumulation_dtype
 
 from ._common import accumulator_type, num_warps_for, on_device
 
@@ -149,8 +151,8 @@ def _decode_kernel(
         centre_y = y.to(ACC_TYPE) + tl.load(offset_at + offset_stride_c).to(ACC_TYPE)
         half_w = tl.load(wh_at).to(ACC_TYPE) / 2
         half_h = tl.load(wh_at + wh_stride_c).to(ACC_TYPE) / 2
-        # The reference's clamps: past the map (W, -1) so coverage is as SPEC defines it,
-        # and bounded so that huge centres cannot overflow the integer conversion.
+        # The reference's clamps: past the map (W, -1) so coverage is as docs/algorithm.md §4
+        # defines it, and bounded so that huge centres cannot overflow the integer conversion.
         x1 = tl.minimum(tl.maximum(centre_x - half_w, 0.0), width * 1.0)
         y1 = tl.minimum(tl.maximum(centre_y - half_h, 0.0), height * 1.0)
         x2 = tl.minimum(tl.maximum(centre_x + half_w, -1.0), (width - 1) * 1.0)
@@ -219,13 +221,12 @@ def launch_plan(images, channels, height, width, k):
     }
 
 
-@triton_op("sokd_triton::interest_map", mutates_args=())
-def _interest_map_op(
-    heat: torch.Tensor, wh: torch.Tensor, offset: torch.Tensor, k: int, kernel: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def interest_map(heat, wh, offset, k, kernel):
+    """The sokd::interest_map schema: (count map (N x H x W float32), boxes (N x k x 4
+    int64), scores (N x k, heat's dtype))."""
     images, channels, height, width = heat.shape
     acc_type = accumulator_type(heat.dtype)
-    values_dtype = torch.float64 if heat.dtype == torch.float64 else torch.float32
+    values_dtype = accumulation_dtype(heat.dtype)
     plan = launch_plan(images, channels, height, width, k)
     chunks = plan["chunks"]
     radius = (kernel - 1) // 2
@@ -280,20 +281,3 @@ def _interest_map_op(
             num_warps=num_warps_for(plan["block_p"] * plan["block_boxes"]),
         )
     return count, boxes, scores
-
-
-@_interest_map_op.register_fake
-def _(heat, wh, offset, k, kernel):
-    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launches, which
-    # is also what keeps torch.compile working under the Triton interpreter.
-    images, _, height, width = heat.shape
-    return (
-        heat.new_empty((images, height, width), dtype=torch.float32),
-        heat.new_empty((images, k, 4), dtype=torch.int64),
-        heat.new_empty((images, k)),
-    )
-
-
-def interest_map(heat, wh, offset, k, kernel):
-    """Backend entry point (see sokd/_backend.py): (count_map, boxes, scores), no gradient."""
-    return _interest_map_op(heat.detach(), wh.detach(), offset.detach(), k, kernel)

@@ -8,8 +8,8 @@ its gradient T * w * (softmax(s/T) - softmax(t/T)) written from registers. Longe
 
 Per-program partial sums are added by torch in a fixed order (deterministic). The normalising
 scale 1 / (rows or the weight sum) is computed on the device before the launch and read by the
-kernel, which saves the gradient already scaled (in float32 for half inputs); backward only
-multiplies it by grad_output and rounds once.
+kernel, which writes the gradient already normalised, in the accumulation type. A weight summing
+to 0 gives scale 0: loss and gradient 0.
 
 The temperature travels as a float32 kernel argument; float64 inputs otherwise compute in
 float64.
@@ -20,23 +20,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from sokd.reference.common import accumulation_dtype
 
 from ._common import (
     accumulator_type,
-    apply_saved_gradient,
-    differentiable_once,
-    from_image_rows,
+    gradient_like,
     image_rows,
     launch_strides,
-    loss_dtype,
     num_warps_for,
     on_device,
     per_row,
     reciprocal_or_zero,
     row_alignment,
     row_tile,
-    saved_gradient_like,
 )
 from ._online_softmax import log_sum_exp, merge_chunk
 
@@ -178,31 +176,28 @@ def _kd_kernel(
                 )
 
 
-@triton_op("sokd_triton::kd_loss", mutates_args=())
-def _kd_loss_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: float,
-    weight: torch.Tensor | None,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, scaled student gradient (float32 for half inputs), the normalising scale)."""
-    student_rows = image_rows(student)
-    teacher_rows = image_rows(teacher)
+def kd_loss(student_logits, teacher_logits, temperature, weight, with_grad):
+    """The sokd::kd_loss schema: (loss, d loss / d student_logits), the gradient normalised,
+    contiguous and in the accumulation dtype, or empty when with_grad is false."""
+    student_rows = image_rows(student_logits)
+    teacher_rows = image_rows(teacher_logits)
     images, classes, rows = student_rows.shape
-    weight_rows = per_row(weight, student.dim()) if weight is not None else None
-    grad_rows = saved_gradient_like(student_rows, compute_grad)
+    weight_rows = per_row(weight, student_logits.dim()) if weight is not None else None
+    grad = gradient_like(student_logits, with_grad)
+    grad_rows = image_rows(grad) if with_grad else grad
 
     block_r, block_k = row_tile(classes, rows)
     row_blocks = triton.cdiv(rows, block_r)
     programs = images * row_blocks
-    acc_dtype = loss_dtype(student.dtype)
+    acc_dtype = accumulation_dtype(student_logits.dtype)
     if weight is not None:
         scale = reciprocal_or_zero(weight.sum(dtype=acc_dtype))
     else:
-        scale = torch.full((), 1.0 / (images * rows), dtype=acc_dtype, device=student.device)
-    partials = student.new_empty(programs, dtype=acc_dtype)
-    with on_device(student):
+        scale = torch.full(
+            (), 1.0 / (images * rows), dtype=acc_dtype, device=student_logits.device
+        )
+    partials = student_logits.new_empty(programs, dtype=acc_dtype)
+    with on_device(student_logits):
         wrap_triton(_kd_kernel)[(programs,)](
             student_rows,
             teacher_rows,
@@ -216,48 +211,15 @@ def _kd_loss_op(
             *launch_strides(student_rows),
             *launch_strides(teacher_rows),
             *(launch_strides(weight_rows) if weight is not None else (0, 0)),
-            *(launch_strides(grad_rows) if compute_grad else (0, 0, 0)),
+            *(launch_strides(grad_rows) if with_grad else (0, 0, 0)),
             temperature,
             HAS_WEIGHT=weight is not None,
-            COMPUTE_GRAD=compute_grad,
-            ACC_TYPE=accumulator_type(student.dtype),
+            COMPUTE_GRAD=with_grad,
+            ACC_TYPE=accumulator_type(student_logits.dtype),
             BLOCK_R=block_r,
             BLOCK_K=block_k,
             SINGLE_CHUNK=classes <= block_k,
             ROW_ALIGN=row_alignment(classes, student_rows, teacher_rows, grad_rows),
             num_warps=num_warps_for(block_r * block_k),
         )
-    grad = from_image_rows(grad_rows, student.shape) if compute_grad else grad_rows
-    return partials.sum() * scale, grad, scale
-
-
-@_kd_loss_op.register_fake
-def _(student, teacher, temperature, weight, compute_grad):
-    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
-    # is also what keeps torch.compile working under the Triton interpreter.
-    acc_dtype = loss_dtype(student.dtype)
-    grad = saved_gradient_like(student, compute_grad)
-    return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    _, saved_grad, scale = output
-    ctx.mark_non_differentiable(saved_grad, scale)
-    ctx.save_for_backward(saved_grad)
-    ctx.grad_dtype = inputs[0].dtype
-
-
-@differentiable_once("sokd_triton::kd_loss")
-def _backward(ctx, grad_loss, _grad_saved, _grad_scale):
-    (saved_grad,) = ctx.saved_tensors
-    return apply_saved_gradient(saved_grad, grad_loss, ctx.grad_dtype), None, None, None, None
-
-
-_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def kd_loss(student, teacher, temperature, weight):
-    """Backend entry point (see sokd/_backend.py): the loss, differentiable in the student."""
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, _, _ = _kd_loss_op(student, teacher.detach(), temperature, weight, compute_grad)
-    return loss
+    return partials.sum() * scale, grad

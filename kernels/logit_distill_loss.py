@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_type, loss_dtype, num_warps_for
+from sokd.reference.common import accumulation_dtype
+
+from ._common import accumulator_type, num_warps_for
 from ._online_softmax import log_sum_exp, merge_chunk
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
@@ -300,7 +302,7 @@ def logit_distill_loss(
     student = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     rows, width = student.shape
     device = student.device
-    acc_dtype = loss_dtype(student.dtype)
+    acc_dtype = accumulation_dtype(student.dtype)
     grad = (
         torch.empty((rows, width), dtype=student.dtype, device=device)
         if with_grad else student.new_empty(0)

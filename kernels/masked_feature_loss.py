@@ -3,9 +3,10 @@
 Each program owns a block of spatial positions of one image and a group of channels. It reads
 the mask block once, walks its channels, writes the gradient 2 * mask^2 * (s - t) / Z and one
 partial sum. The partials are added by torch in a fixed order, so the loss is deterministic.
-1 / Z comes from the mask (C * sum(mask^2)) or the size before the launch, on the device. The
-gradient is saved scaled, in float32 for half inputs: 2 m^2 (s - t) alone overflows float16
-long before the gradient does. Backward multiplies it by grad_output and rounds it once.
+1 / Z comes from the mask (C * sum(mask^2)) or the size before the launch, on the device, so
+the kernel writes the gradient already normalised, in the accumulation type: 2 m^2 / Z is formed
+in the accumulation type first, as 2 m^2 (s - t) alone would overflow float16 long before the
+gradient does. An all-zero mask under normalize_by_mask gives 1 / Z = 0: loss and gradient 0.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from sokd.reference.common import accumulation_dtype
 
 from ._common import (
     TARGET_PROGRAMS,
     accumulator_type,
-    apply_saved_gradient,
-    differentiable_once,
-    loss_dtype,
+    gradient_like,
     num_warps_for,
     on_device,
     reciprocal_or_zero,
-    saved_gradient_like,
 )
 
 
@@ -118,29 +118,24 @@ def _launch_shape(images, channels, positions):
     return block_c, block_p, groups, channels_per_group
 
 
-@triton_op("sokd_triton::masked_feature_loss", mutates_args=())
-def _masked_feature_loss_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    mask: torch.Tensor | None,
-    normalize: str,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, scaled gradient for the student (float32 for half inputs), 1 / Z)."""
+def masked_feature_loss(student, teacher, mask, normalize_by_mask, with_grad):
+    """The sokd::masked_feature_loss schema: (loss, d loss / d student), the gradient
+    normalised, contiguous and in the accumulation dtype, or empty when with_grad is false."""
     images, channels = student.shape[:2]
     student_3d = student.reshape(images, channels, -1)
     teacher_3d = teacher.reshape(images, channels, -1)
     positions = student_3d.shape[2]
     mask_2d = mask.reshape(images, positions) if mask is not None else None
-    grad_3d = saved_gradient_like(student_3d, compute_grad)
-    grad_strides = grad_3d.stride() if compute_grad else (0, 0, 0)
+    grad = gradient_like(student, with_grad)
+    grad_3d = grad.view(images, channels, positions) if with_grad else grad
+    grad_strides = grad_3d.stride() if with_grad else (0, 0, 0)
     mask_strides = mask_2d.stride() if mask is not None else (0, 0)
 
     block_c, block_p, groups, channels_per_group = _launch_shape(images, channels, positions)
     position_blocks = triton.cdiv(positions, block_p)
     programs = images * position_blocks * groups
-    acc_dtype = loss_dtype(student.dtype)
-    if mask is not None and normalize == "mask":
+    acc_dtype = accumulation_dtype(student.dtype)
+    if mask is not None and normalize_by_mask:
         scale = reciprocal_or_zero(channels * mask.to(acc_dtype).square().sum())
     else:
         scale = torch.full((), 1.0 / student.numel(), dtype=acc_dtype, device=student.device)
@@ -162,49 +157,10 @@ def _masked_feature_loss_op(
             *mask_strides,
             *grad_strides,
             HAS_MASK=mask is not None,
-            COMPUTE_GRAD=compute_grad,
+            COMPUTE_GRAD=with_grad,
             ACC_TYPE=accumulator_type(student.dtype),
             BLOCK_C=block_c,
             BLOCK_P=block_p,
             num_warps=num_warps_for(block_c * block_p),
         )
-    grad = grad_3d.view(student.shape) if compute_grad else grad_3d
-    return partials.sum() * scale, grad, scale
-
-
-@_masked_feature_loss_op.register_fake
-def _(student, teacher, mask, normalize, compute_grad):
-    # An explicit fake lets Dynamo propagate shapes without tracing the kernel launch, which
-    # is also what keeps torch.compile working under the Triton interpreter.
-    acc_dtype = loss_dtype(student.dtype)
-    grad = saved_gradient_like(student, compute_grad)
-    return student.new_empty((), dtype=acc_dtype), grad, student.new_empty((), dtype=acc_dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    _, saved_grad, scale = output
-    ctx.mark_non_differentiable(saved_grad, scale)
-    ctx.save_for_backward(saved_grad)
-    ctx.grad_dtypes = (inputs[0].dtype, inputs[1].dtype)
-
-
-@differentiable_once("sokd_triton::masked_feature_loss")
-def _backward(ctx, grad_loss, _grad_saved, _grad_scale):
-    (saved_grad,) = ctx.saved_tensors
-    student_dtype, teacher_dtype = ctx.grad_dtypes
-    grad_student = grad_teacher = None
-    if ctx.needs_input_grad[0]:
-        grad_student = apply_saved_gradient(saved_grad, grad_loss, student_dtype)
-    if ctx.needs_input_grad[1]:
-        grad_teacher = apply_saved_gradient(saved_grad, -grad_loss, teacher_dtype)
-    return grad_student, grad_teacher, None, None, None
-
-
-_masked_feature_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def masked_feature_loss(student, teacher, mask, normalize):
-    """Backend entry point (see sokd/_backend.py): the loss, differentiable in both inputs."""
-    compute_grad = torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
-    loss, _, _ = _masked_feature_loss_op(student, teacher, mask, normalize, compute_grad)
-    return loss
+    return partials.sum() * scale, grad

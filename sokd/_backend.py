@@ -11,36 +11,142 @@ passed `sokd.ops` validation:
 
 Losses are differentiable with respect to the student (and, for masked_feature_loss, the
 teacher). The loss is float32 for half and float32 inputs and float64 for float64 inputs.
+
+The backends are data: BACKENDS holds one record per backend (the devices it serves, why this
+machine cannot run it, how its module is loaded, where its ops live), and selection reads only
+that table. The cpu, cuda and triton backends share one module, sokd.native, which calls the
+sokd:: ops; they differ in the kernel that runs below the op's autograd, which the op's router
+asks of runs_triton.
 """
 
-import importlib
+from __future__ import annotations
+
 import os
 import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map", "feature_augment")
 
-# For CUDA tensors under "auto": the first available backend in each op's list wins. The order
-# is unmeasured: no GPU has yet timed the CUDA kernels against the Triton ones (the benchmark
-# stage of benchmarks/validate_gpu.py does), so it is a default, not a finding.
-AUTO_CUDA_PREFERENCE = {op: ("triton", "cuda") for op in OPS}
 
-_MODULES = {
-    "reference": "sokd.reference",
-    "cpu": "sokd.native",
-    "cuda": "sokd.native",
-    "triton": "sokd.kernels",
+def _load_reference() -> ModuleType:
+    from . import reference
+
+    return reference
+
+
+def _load_native(device_type: str) -> ModuleType:
+    from . import native  # raises ImportError when sokd._C was not built
+
+    if device_type not in native.supported_devices():
+        raise ImportError(f"sokd was built without {device_type} kernels")
+    return native
+
+
+def _load_triton() -> ModuleType:
+    from . import kernels  # noqa: F401 (raises ImportError without triton)
+    from . import native  # the sokd:: ops, whose routers run the launchers of kernels/
+
+    return native
+
+
+def _gpu_missing() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "torch sees no GPU"
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_cannot_run() -> str | None:
+    if _interpreted():
+        return None
+    reason = _gpu_missing()
+    return None if reason is None else f"{reason} and TRITON_INTERPRET is not 1"
+
+
+def _native_sources(kernel_file: str) -> tuple[str, ...]:
+    """The sokd._C files behind the native ops: each op's schema in csrc/<op>.cpp and its
+    kernel in csrc/<kernel_file> (with {op} for the op's name), the losses' autograd, and the
+    Python side (fakes and the calls into the ops)."""
+    per_op = [(f"csrc/{op}.cpp", "csrc/" + kernel_file.format(op=op)) for op in OPS]
+    return ("sokd/native.py", "csrc/autograd.cpp") + tuple(p for pair in per_op for p in pair)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops in OPS.
+
+    devices: the tensor device types it serves. interpreted_devices: those it serves only
+    under TRITON_INTERPRET=1 (the Triton interpreter runs kernels on CPU tensors).
+    available(): None when this machine can run it, else the reason (built or not).
+    load: imports its module (ImportError when it was not built or installed).
+    registered_in: the source files that implement or register its ops.
+    """
+
+    name: str
+    devices: tuple[str, ...] | None  # None: every device type
+    available: Callable[[], str | None]
+    load: Callable[[], ModuleType]
+    registered_in: tuple[str, ...]
+    interpreted_devices: tuple[str, ...] = ()
+
+    def runs_on(self, device_type: str) -> bool:
+        if self.devices is None or device_type in self.devices:
+            return True
+        return device_type in self.interpreted_devices and _interpreted()
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(
+        name="reference",
+        devices=None,
+        available=lambda: None,
+        load=_load_reference,
+        registered_in=("sokd/reference/",),
+    ),
+    "cpu": Backend(
+        name="cpu",
+        devices=("cpu",),
+        available=lambda: None,
+        load=lambda: _load_native("cpu"),
+        registered_in=_native_sources("cpu/{op}_kernel.cpp"),
+    ),
+    "cuda": Backend(
+        name="cuda",
+        devices=("cuda",),
+        available=_gpu_missing,
+        load=lambda: _load_native("cuda"),
+        registered_in=_native_sources("cuda/{op}_kernel.cu"),
+    ),
+    "triton": Backend(
+        name="triton",
+        devices=("cuda",),
+        interpreted_devices=("cpu",),
+        available=_triton_cannot_run,
+        load=_load_triton,
+        registered_in=("kernels/", "sokd/native.py"),
+    ),
 }
 
-_selected = None
-_load_errors = {}
-# Imported backend modules by module path (None when unusable), and why they are unusable.
-_imported = {}
-_import_errors = {}
+# For CUDA tensors under "auto": the first available backend in each op's list wins. The order
+# is not measured: no GPU has yet timed the CUDA kernels against the Triton ones, so it is a
+# default, not a finding.
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": {op: ("triton", "cuda") for op in OPS}}
+
+_selected: str | None = None
+# Loaded backend modules by name (None when unusable), and why they are unusable. No lock: the
+# import system serialises imports itself, and two threads racing here store the same result.
+_loaded: dict[str, ModuleType | None] = {}
+_load_errors: dict[str, str] = {}
 _warned_fallback = False
 
 
-def _validate_name(name):
+def _validate_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name not in BACKEND_NAMES:
@@ -48,7 +154,7 @@ def _validate_name(name):
     return name
 
 
-def set_backend(name):
+def set_backend(name: str) -> None:
     """Choose the implementation behind `sokd.ops`: auto, reference, cpu, cuda or triton.
 
     `auto` picks the fastest native kernel for each tensor's device and falls back to the
@@ -59,94 +165,65 @@ def set_backend(name):
     _selected = _validate_name(name)
 
 
-def get_backend():
+def get_backend() -> str:
     if _selected is not None:
         return _selected
     return _validate_name(os.environ.get("SOKD_BACKEND", "auto"))
 
 
-def _import(name):
-    """The module behind backend `name`, imported once per module path (None if unusable).
-
-    No lock: the import system serialises imports itself, and two threads racing here store
-    the same result."""
-    path = _MODULES[name]
-    if path in _imported:
-        return _imported[path]
+def _load(name: str) -> ModuleType | None:
+    """The module of backend `name`, loaded once (None with the reason in _load_errors)."""
+    if name in _loaded:
+        return _loaded[name]
     try:
-        module = importlib.import_module(path)
+        module = BACKENDS[name].load()
     except ImportError as error:
-        _import_errors[path] = f"{path} could not be imported ({error})"
+        _load_errors[name] = f"{name} could not be loaded ({error})"
         module = None
     if module is not None:
         missing = [op for op in OPS if not hasattr(module, op)]
         if missing:
-            _import_errors[path] = f"{path} does not provide {', '.join(missing)}"
+            _load_errors[name] = f"{module.__name__} does not provide {', '.join(missing)}"
             module = None
-    _imported[path] = module
+    _loaded[name] = module
     return module
 
 
-def preload():
-    """Import the backends this machine can run, so that the first op call inside
+def preload() -> None:
+    """Load the backends this machine can run, so that the first op call inside
     torch.compile finds them cached (the tracer cannot follow an import)."""
-    import torch
-
-    triton_runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    for name in ("reference", "cpu") + (("triton",) if triton_runs else ()):
-        _import(name)
+    for name, backend in BACKENDS.items():
+        if name != "cuda" and backend.available() is None:
+            _load(name)
 
 
-def _load(name):
-    """The backend's module, or None with the reason kept in _load_errors."""
-    module = _import(name)
-    if module is None:
-        _load_errors[name] = _import_errors[_MODULES[name]]
-        return None
-    if name in ("cpu", "cuda") and name not in module.supported_devices():
-        _load_errors[name] = f"sokd was built without {name} kernels"
-        return None
-    return module
-
-
-def built_backends():
+def built_backends() -> list[str]:
     """Names of the backends this installation has (auto not included), whether or not this
     machine can run them: reference always, cpu and cuda when sokd._C was built with their
     kernels, triton when sokd.kernels imports."""
     return [name for name in BACKEND_NAMES[1:] if _load(name) is not None]
 
 
-def available_backends():
+def available_backends() -> list[str]:
     """Names of the built backends that can run on this machine (auto not included): cuda
     and triton only when torch sees a GPU, except that triton is listed on a CPU-only machine
     under TRITON_INTERPRET=1, since its interpreter then runs it on CPU tensors."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    runnable = {"reference": True, "cpu": True, "cuda": gpu, "triton": gpu or interpreted}
-    return [name for name in built_backends() if runnable[name]]
+    return [name for name in built_backends() if BACKENDS[name].available() is None]
 
 
-def empty_cache():
+def empty_cache() -> int:
     """Free the CPU buffers that the native kernels keep for reuse; returns the bytes freed.
 
     Large CPU outputs (a loss gradient, an augmented map of 16 MiB or more) return to a small
     cache when freed, so the next step's output of the same size skips the operating system's
     page zeroing. Like torch.cuda.empty_cache, this hands the cache back to the system.
     """
-    module = _import("cpu")
+    module = _load("cpu")
     return 0 if module is None else module.release_cached_outputs()
 
 
-def _runs_on(name, device):
-    if name == "reference":
-        return True
-    if name == "triton":
-        return device.type == "cuda" or (
-            device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-        )
-    return device.type == name
+def _runs_on(name: str, device) -> bool:
+    return BACKENDS[name].runs_on(device.type)
 
 
 def _fallback_to_reference(device, reason):
@@ -162,16 +239,36 @@ def _fallback_to_reference(device, reason):
     return _load("reference")
 
 
+def _auto_candidates(op, device) -> tuple[str, ...]:
+    return AUTO_ORDER["cuda"][op] if device.type == "cuda" else AUTO_ORDER["cpu"]
+
+
+def _auto_choice(op, device) -> str | None:
+    """The backend that "auto" runs `op` with on `device`, or None when none of its
+    candidates is usable."""
+    for candidate in _auto_candidates(op, device):
+        if _runs_on(candidate, device) and _load(candidate) is not None:
+            return candidate
+    return None
+
+
+def runs_triton(op, device) -> bool:
+    """Whether the kernel below the sokd:: op `op` for tensors on `device` is the Triton
+    launcher: the triton backend is selected, or "auto" chooses it for that op."""
+    name = get_backend()
+    if name == "auto":
+        name = _auto_choice(op, device)
+    return name == "triton"
+
+
 def resolve(op, device):
     """The backend module that runs `op` for tensors on `device`."""
     name = get_backend()
     if name == "auto":
-        candidates = AUTO_CUDA_PREFERENCE[op] if device.type == "cuda" else ("cpu",)
-        for candidate in candidates:
-            if _runs_on(candidate, device):
-                module = _load(candidate)
-                if module is not None:
-                    return module
+        choice = _auto_choice(op, device)
+        if choice is not None:
+            return _load(choice)
+        candidates = _auto_candidates(op, device)
         reasons = "; ".join(_load_errors.get(c, f"{c} does not run here") for c in candidates)
         return _fallback_to_reference(device, reasons)
     if not _runs_on(name, device):

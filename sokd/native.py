@@ -1,17 +1,25 @@
-"""The native backend: the sokd._C kernels (C++ on the CPU, CUDA on the GPU) behind the
-backend contract of sokd/_backend.py. The registry loads this module for both "cpu" and
-"cuda"; importing it raises ImportError when the extension was not built.
+"""The sokd:: ops behind the backend contract of sokd/_backend.py, for the cpu, cuda and triton
+backends alike; importing it raises ImportError when the extension sokd._C was not built.
 
-The C++ loss ops return (loss, grad_student): their kernels compute the input gradient in the
-same pass as the loss, and their autograd (csrc/autograd.cpp) only scales that saved gradient
-by grad_output. The fake (meta) kernels registered here let torch.compile trace every op
-without a graph break.
+Each op has one schema (csrc/<op>.cpp) and one autograd (csrc/autograd.cpp, C++ for every
+device): the loss ops return (loss, grad_student), their kernels compute the input gradient in
+the same pass as the loss, and backward only scales that saved gradient by grad_output. Below
+the autograd, the device kernel is either the C++ one (csrc/cpu, csrc/cuda) or the Triton
+launcher of the same name (kernels/<op>.py). At the CUDA key a router picks one per call from
+the backend selection (sokd._backend.runs_triton). The CPU key keeps the C++ kernel alone, with
+no Python per call, except under TRITON_INTERPRET=1, where the interpreter runs Triton on CPU
+tensors and the router sits at the CPU key too. The fake (meta) kernels registered here let
+torch.compile trace every op without a graph break.
 """
+
+import os
 
 import torch
 
 from . import _C  # loading the library registers torch.ops.sokd.*
+from ._backend import OPS, runs_triton
 from .augment_ops import AFFINE_OPS
+from .reference.common import accumulation_dtype
 
 # The fused augmentation kernel takes at most this many ops, with at most this many affine
 # ops among them (each affine op multiplies the bilinear reads by 4); longer sequences run
@@ -32,14 +40,46 @@ def release_cached_outputs():
     return _ops.release_cached_outputs()
 
 
-def _loss_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_loss_outputs(student, with_grad):
-    loss = student.new_empty((), dtype=_loss_dtype(student.dtype))
-    grad = student.new_empty(student.shape) if with_grad else student.new_empty((0,))
+    """The loss and the gradient are both in the accumulation dtype (float32 for 16-bit
+    inputs); the autograd rounds the gradient to the input's dtype once, after scaling it."""
+    dtype = accumulation_dtype(student.dtype)
+    loss = student.new_empty((), dtype=dtype)
+    grad = student.new_empty(student.shape if with_grad else (0,), dtype=dtype)
     return loss, grad
+
+
+# Holds the routers' registrations for the life of the process.
+_routers = torch.library.Library("sokd", "IMPL")
+
+
+def _register_router(op, device_type):
+    """Makes the `device_type` kernel of sokd::<op> a router between the Triton launcher and
+    the C++ kernel registered there (None when the extension lacks that device)."""
+    key = device_type.upper()
+    native_kernel = (
+        torch.library.get_kernel(f"sokd::{op}", key) if device_type in supported_devices() else None
+    )
+
+    def route(keyset, *args):
+        if runs_triton(op, args[0].device):
+            from . import kernels
+
+            return kernels.LAUNCHERS[op](*args)
+        if native_kernel is None:
+            raise RuntimeError(
+                f"sokd._C was built without {device_type} kernels, so sokd::{op} runs on "
+                f"{device_type} tensors only with the triton backend (sokd.set_backend)"
+            )
+        return native_kernel.call_boxed(keyset, *args)
+
+    _routers.impl(op, route, key, with_keyset=True)
+
+
+for _op in OPS:
+    _register_router(_op, "cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _register_router(_op, "cpu")
 
 
 @torch.library.register_fake("sokd::masked_feature_loss")
@@ -119,7 +159,7 @@ def _passes(op_ids):
 def feature_augment(x, op_ids, values, draws):
     if torch.jit.is_tracing():
         raise RuntimeError(
-            "torch.jit.trace cannot record the native feature_augment: TorchScript has no "
+            "torch.jit.trace cannot record sokd::feature_augment: TorchScript has no "
             "type for its list of optional draw tensors. Use torch.compile or torch.export, "
             "or trace with sokd.set_backend('reference')"
         )

@@ -33,14 +33,7 @@ def _backend(op, device):
     PyTorch ops, which it can (to any order)."""
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return reference
-    backend = resolve(op, device)
-    if torch.jit.is_tracing() and backend.__name__ == "sokd.kernels" and op.endswith("loss"):
-        raise RuntimeError(
-            f"torch.jit.trace cannot record the triton {op}: the graph would keep whether the "
-            "example inputs needed a gradient. Use torch.compile or torch.export, or trace with "
-            "the cpu, cuda or reference backend"
-        )
-    return backend
+    return resolve(op, device)
 
 
 def masked_feature_loss(

@@ -82,10 +82,6 @@ def _public_callables():
 
 
 CALLABLES = _public_callables()
-# sokd/_backend.py is being rewritten into a table of backends; its public functions get
-# their annotations with that rewrite. strict: the test fails once they have them, so that
-# this exception is removed then.
-PENDING = {name for name in CALLABLES if name.startswith("sokd._backend.")}
 
 
 def test_the_surface_is_found():
@@ -125,18 +121,7 @@ def _missing_annotations(fn):
     return missing
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                name in PENDING, strict=True, reason="annotated with the backend table rewrite"
-            ),
-        )
-        for name in sorted(CALLABLES)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(CALLABLES))
 def test_public_callable_is_annotated(name):
     missing = _missing_annotations(CALLABLES[name])
     assert not missing, f"{name} lacks annotations for: {', '.join(missing)}"

@@ -1,5 +1,6 @@
 """Backend selection: names, the environment variable, auto fallback, and clear errors."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -7,6 +8,17 @@ import torch
 
 import sokd
 from sokd import _backend, ops
+
+
+def not_built():
+    raise ImportError("sokd.not_built_here")
+
+
+def replace_backend(monkeypatch, name, **fields):
+    """Swap one record of the backend table for the test, with a fresh load cache."""
+    record = dataclasses.replace(_backend.BACKENDS[name], **fields)
+    monkeypatch.setitem(_backend.BACKENDS, name, record)
+    monkeypatch.setattr(_backend, "_loaded", {})
 
 
 def kd_call():
@@ -45,7 +57,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_unavailable_named_backend_is_an_error_not_a_fallback(monkeypatch):
-    monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.not_built_here")
+    replace_backend(monkeypatch, "cpu", load=not_built)
     sokd.set_backend("cpu")
     with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
         kd_call()
@@ -53,7 +65,7 @@ def test_unavailable_named_backend_is_an_error_not_a_fallback(monkeypatch):
 
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
-    monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.not_built_here")
+    replace_backend(monkeypatch, "cpu", load=not_built)
     monkeypatch.setattr(_backend, "_warned_fallback", False)
     sokd.set_backend("auto")
     s, t = torch.randn(3, 5), torch.randn(3, 5)
@@ -67,7 +79,9 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 
 
 def test_module_missing_an_op_is_unavailable(monkeypatch):
-    monkeypatch.setitem(_backend._MODULES, "cpu", "sokd.augment_ops")
+    import sokd.augment_ops
+
+    replace_backend(monkeypatch, "cpu", load=lambda: sokd.augment_ops)
     assert _backend._load("cpu") is None
     assert "does not provide" in _backend._load_errors["cpu"]
 
@@ -97,3 +111,26 @@ def test_available_backends_are_the_built_ones_that_run_here(monkeypatch):
     assert sokd.available_backends() == expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert sokd.available_backends() == built
+
+
+def test_backend_table_names_every_backend_and_its_sources():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert tuple(_backend.BACKENDS) == _backend.BACKEND_NAMES[1:]
+    for name, backend in _backend.BACKENDS.items():
+        assert backend.name == name
+        for path in backend.registered_in:
+            assert (root / path).exists(), f"{name} cites missing {path}"
+    for op, order in _backend.AUTO_ORDER["cuda"].items():
+        assert op in _backend.OPS and set(order) <= set(_backend.BACKENDS)
+
+
+def test_backend_devices_follow_the_table(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _backend.BACKENDS["reference"].runs_on("meta")
+    assert not _backend.BACKENDS["cpu"].runs_on("cuda")
+    assert not _backend.BACKENDS["triton"].runs_on("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.BACKENDS["triton"].runs_on("cpu")
+    assert not _backend.BACKENDS["cuda"].runs_on("cpu")

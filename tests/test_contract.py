@@ -268,22 +268,10 @@ BACKENDS = {
 }
 
 
-# Cells the table states but the Triton kernels (kernels/, maintained apart from these ops)
-# do not meet yet: their gradient under create_graph=True comes back detached from the
-# inputs, so a second derivative is silently None instead of raising. Strict, so that the fix
-# shows up as a failure here and the entry goes.
-KNOWN_TRITON_GAPS = {
-    (op, "triton", "double backward")
-    for op in ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "dkd_loss")
-}
-
-
 def _cells():
     for (op, backend), cells in sorted(TABLE.items()):
         for feature, cell in cells.items():
             marks = []
-            if (op, backend, feature) in KNOWN_TRITON_GAPS:
-                marks.append(pytest.mark.xfail(strict=True, reason="kernels/ second derivative"))
             slow = feature in SLOW_FEATURES or backend == "triton"
             if slow:
                 marks.append(pytest.mark.slow)
@@ -313,7 +301,7 @@ def test_contract_cell(op, backend, feature, cell):
         else:
             assert feature == "double backward" and case.grad_index is None
         return
-    match = re.fullmatch(r"(works|raises (\w+Error)(?:: (.+))?) \(tested\)( ¹)?", cell)
+    match = re.fullmatch(r"(works|raises (\w+Error)(?:: (.+))?) \(tested\)", cell)
     assert match, f"cell {cell!r} is neither 'works (tested)' nor 'raises <Error> (tested)'"
     if cell.startswith("works"):
         check(case, backend, device)

@@ -259,22 +259,20 @@ def test_opcheck(name, device, case):
 
 
 # --- Triton ----------------------------------------------------------------------------------
-# The Triton kernels of the five SoKD ops run as their own custom ops (torch.ops.sokd_triton.*)
-# behind the public functions. Their samples are the calls the public functions make: each
-# public call runs under a dispatch mode that records every Triton op it reaches with its
-# arguments, and opcheck then checks each recorded call. Without a GPU they run in the Triton
-# interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1); the samples are small
-# enough that all of them take seconds there. The Triton kernel of
-# logit_distill_loss is the CUDA kernel of torch.ops.sokd.logit_distill_loss, checked by the
-# cuda cells above.
+# The Triton launchers are kernels of the same torch.ops.sokd ops: with the triton backend
+# selected, the op's router (sokd/native.py) runs them below the one C++ autograd. Without a GPU
+# they run in the Triton interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1, which
+# also puts the router at the CPU key); the samples are small enough that all of them take
+# seconds there. The Triton kernel of logit_distill_loss is the CUDA kernel of
+# torch.ops.sokd.logit_distill_loss, checked by the cuda cells above.
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# test_aot_dispatch_dynamic runs the op's Python body on functional tensors. On a GPU,
-# wrap_triton turns each launch into a traceable call; under the interpreter it hands back the
-# interpreted kernel itself (torch.library.wrap_triton), which then reads the functional
-# tensors' storage, which holds no data ("invalid python storage"). That is the interpreter's
-# limit, not the op's: the check runs on a GPU, and tests/test_contract.py compiles the
-# Triton ops with dynamic shapes under the interpreter.
+# test_aot_dispatch_dynamic runs the op's kernel on functional tensors. On a GPU, wrap_triton
+# turns each launch into a traceable call; under the interpreter it hands back the interpreted
+# kernel itself (torch.library.wrap_triton), which then reads the functional tensors' storage,
+# which holds no data ("invalid python storage"). That is the interpreter's limit, not the
+# op's: the check runs on a GPU, and tests/test_contract.py compiles the Triton path with
+# dynamic shapes under the interpreter.
 TRITON_CHECKS = (
     ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if TRITON_DEVICE == "cuda"
@@ -282,41 +280,11 @@ TRITON_CHECKS = (
 )
 # The interpreter computes in numpy, which has float16 but no bfloat16.
 TRITON_HALF = torch.float16
-
-PUBLIC_CALLS = {
-    "masked_feature_loss": lambda v: sokd.ops.masked_feature_loss(
-        v["student"], v["teacher"], v["mask"], "mask" if v["normalize_by_mask"] else "elements"
-    ),
-    "kd_loss": lambda v: sokd.ops.kd_loss(
-        v["student_logits"], v["teacher_logits"], v["temperature"], v["weight"]
-    ),
-    "decoupled_kd_loss": lambda v: sokd.ops.decoupled_kd_loss(
-        v["student_logits"], v["teacher_logits"], v["class_mask"], v["alpha"], v["beta"],
-        v["temperature"],
-    ),
-    "interest_map": lambda v: sokd.ops.interest_map(
-        v["heat"], v["wh"], v["offset"], v["k"], v["kernel"]
-    ),
-    "feature_augment": lambda v: sokd.ops.feature_augment(
-        v["x"], v["op_ids"], torch.rand(len(v["op_ids"]), device=v["x"].device)
-    ),
-}
-
-
-class _TritonCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "sokd_triton":
-            self.calls.append((func, args, kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
+TRITON_OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map", "feature_augment")
 
 TRITON_PARAMS = [
     pytest.param(name, case, id=f"{name}-{_case_id(case)}")
-    for name in PUBLIC_CALLS
+    for name in TRITON_OPS
     for case in CASES
     if DIFFERENTIABLE[name] or not case[2]
 ]
@@ -325,18 +293,23 @@ TRITON_PARAMS = [
 # The interpreter evaluates masked-out lanes too (-inf - -inf there); the kernels discard them.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("name, case", TRITON_PARAMS)
-def test_opcheck_triton(name, case):
+def test_opcheck_triton(name, case, monkeypatch):
     if "triton" not in sokd.available_backends():
         pytest.skip("the Triton kernels need triton, and a GPU or TRITON_INTERPRET=1")
+    from sokd import kernels
+
+    launched = []
+    launcher = kernels.LAUNCHERS[name]
+
+    def counted(*args):
+        launched.append(name)
+        return launcher(*args)
+
+    monkeypatch.setitem(kernels.LAUNCHERS, name, counted)
     dtype, contiguous, requires_grad = case
     dtype = TRITON_HALF if dtype == "half" else dtype
+    op = getattr(torch.ops.sokd, name).default
     sample = _Sample(TRITON_DEVICE, dtype, contiguous, requires_grad)
-    values = BUILDERS[name](sample)
-    for key in DIFFERENTIABLE[name] & set(values):
-        values[key].requires_grad_(requires_grad)
     sokd.set_backend("triton")  # the conftest fixture restores the previous backend
-    with _TritonCalls() as recorder:
-        PUBLIC_CALLS[name](values)
-    assert recorder.calls, f"sokd.ops.{name} reached no Triton op"
-    for op, args, kwargs in recorder.calls:
-        torch.library.opcheck(op, args, kwargs, test_utils=TRITON_CHECKS)
+    torch.library.opcheck(op, _arguments(op, sample), test_utils=TRITON_CHECKS)
+    assert launched, f"torch.ops.sokd.{name} never reached its Triton launcher"

@@ -18,7 +18,7 @@ import sokd
 from sokd import SoKDLoss, ops
 
 SECOND_DERIVATIVE_REFUSED = "differentiable once|once_differentiable"
-# The C++ kernels (csrc/); the Triton kernels keep their own autograd.
+# The C++ kernels (csrc/cpu, csrc/cuda).
 NATIVE_TARGETS = [t for t in KERNEL_TARGETS if t.backend in ("cpu", "cuda")]
 CPU_NATIVE_TARGETS = [t for t in NATIVE_TARGETS if t.backend == "cpu"]
 
@@ -341,11 +341,6 @@ def test_jit_trace_without_grad_still_backpropagates(target, name):
     that need no gradient, the graph must still give the gradient later."""
     loss_fn, shape = all_losses(target.device)[name]
     example = randn(*shape, seed=7, device=target.device)
-    if target.backend == "triton":
-        # Its kernels' autograd would keep the example's choice; it refuses to be traced.
-        with using("triton"), pytest.raises(RuntimeError, match="torch.jit.trace cannot"):
-            torch.jit.trace(loss_fn, (example,), check_trace=False)
-        return
     with using(target.backend):
         traced = torch.jit.trace(loss_fn, (example,), check_trace=False)
         x = randn(*shape, seed=8, device=target.device).requires_grad_()

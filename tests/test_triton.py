@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sokd
-from sokd import kernels, ops, reference
+from sokd import native, ops, reference
 from sokd.augment_ops import (
     CHANNEL_DROP,
     CHANNEL_SHUFFLE,
@@ -380,7 +380,8 @@ def test_feature_augment_identical_draws_give_identical_outputs(op_ids):
     draws = draw_randomness(
         op_ids, x.shape, x.device, torch.Generator(device=DEVICE).manual_seed(5)
     )
-    direct = kernels.feature_augment(x, op_ids, op_values(magnitudes, op_ids), draws)
+    sokd.set_backend("triton")
+    direct = native.feature_augment(x, op_ids, op_values(magnitudes, op_ids), draws)
     assert torch.equal(first, direct)
 
 
@@ -443,9 +444,9 @@ def test_losses_are_bitwise_deterministic():
 
 
 def test_backend_functions_trace_with_fullgraph():
-    # Under the interpreter torch.library.wrap_triton cannot put the kernel launch in a graph,
-    # so AOT backends cannot trace the kernels' bodies here; the ops' fake implementations
-    # still let Dynamo capture every op in one graph, which the "eager" backend then runs.
+    # The ops' fake implementations let Dynamo capture every op in one graph, which the
+    # "eager" backend then runs: the interpreter cannot run under AOT backends' fake tensors.
+    sokd.set_backend("triton")
     torch._dynamo.reset()
     torch.manual_seed(13)
     student, teacher = randn(2, 6, 3, 4), randn(2, 6, 3, 4)
@@ -462,7 +463,7 @@ def test_backend_functions_trace_with_fullgraph():
 
         return losses
 
-    compiled = torch.compile(losses_of(kernels), fullgraph=True, backend="eager")
+    compiled = torch.compile(losses_of(native), fullgraph=True, backend="eager")
     leaf = student.clone().requires_grad_()
     loss = compiled(leaf, teacher, mask, class_mask)
     (grad,) = torch.autograd.grad(loss, leaf)
@@ -474,7 +475,7 @@ def test_backend_functions_trace_with_fullgraph():
 
     heat = quantised_heat((2, 1, 6, 6), torch.float32)
     wh, offset = torch.rand(2, 2, 6, 6, device=DEVICE) * 3, torch.rand(2, 2, 6, 6, device=DEVICE)
-    decode = torch.compile(kernels.interest_map, fullgraph=True, backend="eager")
+    decode = torch.compile(native.interest_map, fullgraph=True, backend="eager")
     for value, wanted in zip(
         decode(heat, wh, offset, 4, 3), reference.interest_map(heat, wh, offset, 4, 3)
     ):
@@ -485,7 +486,7 @@ def test_backend_functions_trace_with_fullgraph():
     values = op_values(torch.rand(2, device=DEVICE), op_ids)
 
     def augment(x, values, permutation):
-        return kernels.feature_augment(x, op_ids, values, [None, permutation])
+        return native.feature_augment(x, op_ids, values, [None, permutation])
 
     augmented = torch.compile(augment, fullgraph=True, backend="eager")(student, values, draws[1])
     torch.testing.assert_close(augmented, reference.feature_augment(student, op_ids, values, draws))

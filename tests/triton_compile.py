@@ -178,29 +178,29 @@ def op_launches(run_ops: Callable[[], None]) -> list[Launch]:
 
 
 def representative_ops(dtype=torch.float32):
-    """One call of every Triton op at a small shape, with the gradient wanted."""
+    """One call of every Triton launcher at a small shape, with the gradient wanted."""
     from sokd import kernels
     from sokd.augment_ops import AFFINE_OPS, draw_randomness, op_values
 
     def run():
         student = torch.randn(4, 1000, dtype=dtype, requires_grad=True)
         teacher = torch.randn(4, 1000, dtype=dtype)
-        kernels.kd_loss(student, teacher, 4.0, None)
-        kernels.kd_loss(student, teacher, 4.0, torch.rand(4))
+        kernels.kd_loss(student, teacher, 4.0, None, True)
+        kernels.kd_loss(student, teacher, 4.0, torch.rand(4), True)
         mask = torch.zeros(4, 1000, dtype=torch.bool)
         mask[:, 0] = True
-        kernels.decoupled_kd_loss(student, teacher, mask, 1.0, 8.0, 4.0)
+        kernels.decoupled_kd_loss(student, teacher, mask, 1.0, 8.0, 4.0, True)
         dense = torch.randn(2, 19, 32, 32, dtype=dtype, requires_grad=True)
         dense_mask = torch.zeros(2, 19, 32, 32, dtype=torch.bool)
-        kernels.decoupled_kd_loss(dense, dense.detach(), dense_mask, 1.0, 8.0, 4.0)
+        kernels.decoupled_kd_loss(dense, dense.detach(), dense_mask, 1.0, 8.0, 4.0, True)
         features = torch.randn(2, 64, 16, 16, dtype=dtype, requires_grad=True)
-        kernels.masked_feature_loss(features, features.detach(), torch.rand(2, 16, 16), "mask")
+        kernels.masked_feature_loss(features, features.detach(), torch.rand(2, 16, 16), True, True)
         heat = torch.rand(2, 1, 16, 16, dtype=dtype)
         kernels.interest_map(heat, torch.rand(2, 2, 16, 16), torch.rand(2, 2, 16, 16), 8, 3)
         affine = sorted(AFFINE_OPS)[:2]
         values = op_values(torch.tensor([0.5, 0.5]), affine)
         draws = draw_randomness(affine, features.shape, features.device)
-        kernels.feature_augment(features.detach(), affine, values, draws)
+        kernels.feature_augment(features.detach(), affine, values, draws, [0] * len(affine))
 
     return run
 

@@ -14,7 +14,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "accumulation.h"
 #include "cpu/outputs.h"
 #include "cpu/vec_math.h"
 
@@ -362,7 +362,7 @@ std::tuple<Tensor, Tensor> logit_distill_typed(
     const std::optional<Tensor>& labels, Divergence divergence, double beta, double temperature,
     int64_t ignore_index, Reduction reduction, const std::optional<Tensor>& num_items,
     int64_t vocab, bool with_grad) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t rows = student.size(0), width = student.size(1);
   const bool topk = logprobs.has_value();
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor> logit_distill_loss_kernel(
   TORCH_CHECK(kind != Divergence::kJsd || (beta > 0 && beta < 1),
               "beta must be in (0, 1) for jsd, got ", beta);
   const Reduction reduce = parse_reduction(reduction);
-  const auto acc_dtype = student_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulation_dtype(student_logits.scalar_type());
   TORCH_CHECK(teacher_logits.has_value() != teacher_logprobs.has_value(),
               "give teacher_logits or teacher_logprobs with teacher_indices, not both");
   if (teacher_logits.has_value()) {

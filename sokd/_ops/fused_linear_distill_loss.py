@@ -22,6 +22,7 @@ from torch import Tensor
 import sokd.reference.logit_distill_loss as reference
 
 from .. import _validation as check
+from ..reference.common import accumulation_dtype
 from .logit_distill_loss import (
     Divergence,
     Reduction,
@@ -30,7 +31,6 @@ from .logit_distill_loss import (
     check_num_items,
     check_vocab_size,
     first_order_only,
-    loss_dtype,
     scale_saved_grad,
     use_reference,
 )
@@ -114,7 +114,7 @@ def _(
     labels, row_scale, divergence, beta, temperature, ignore_index, reduction, num_items,
     vocab_size, chunk_size, with_grad,
 ):
-    dtype = loss_dtype(student_hidden.dtype)
+    dtype = accumulation_dtype(student_hidden.dtype)
     loss = student_hidden.new_empty(
         (student_hidden.shape[0],) if reduction == "none" else (), dtype=dtype
     )

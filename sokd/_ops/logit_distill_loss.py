@@ -20,6 +20,7 @@ import sokd.reference.logit_distill_loss as reference
 
 from .. import _validation as check
 from .._backend import _fallback_to_reference, get_backend
+from ..reference.common import accumulation_dtype
 
 try:
     from .. import _C
@@ -35,11 +36,6 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 LOGPROB_TOLERANCE = 1e-4
 
 _OP_NAME = "sokd::logit_distill_loss"
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The loss and accumulation dtype (docs/algorithm.md §7): float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -97,7 +93,7 @@ if _C is not None:
         student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels, divergence,
         beta, temperature, ignore_index, reduction, num_items, vocab_size, with_grad,
     ):
-        dtype = loss_dtype(student_logits.dtype)
+        dtype = accumulation_dtype(student_logits.dtype)
         rows = (student_logits.shape[0],) if reduction == "none" else ()
         loss = student_logits.new_empty(rows, dtype=dtype)
         grad = student_logits.new_empty(student_logits.shape if with_grad else (0,))
@@ -380,7 +376,7 @@ def logit_distill_loss(
     vocab = check_vocab_size(vocab_size, student_vocab, teacher_vocab)
     label_rows = check_labels(labels, rows, lead, device)
     num_items_tensor = check_num_items(num_items, device)
-    acc_dtype = loss_dtype(student_logits.dtype)
+    acc_dtype = accumulation_dtype(student_logits.dtype)
     topk = (
         None if teacher_topk is None
         else _check_topk(teacher_topk, lead, rows, vocab, device, acc_dtype)

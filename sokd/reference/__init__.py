@@ -1,12 +1,14 @@
 """The pure-PyTorch reference backend: the definition every kernel is tested against.
 
 Each function takes inputs already validated by `sokd.ops` and has the backend signature
-documented in `sokd/_backend.py`.
+documented in `sokd/_backend.py`. Each op lives in the module named after it.
 """
 
-from .augment import feature_augment
-from .interest import interest_map
-from .losses import decoupled_kd_loss, kd_loss, masked_feature_loss
+from .decoupled_kd_loss import decoupled_kd_loss
+from .feature_augment import feature_augment
+from .interest_map import interest_map
+from .kd_loss import kd_loss
+from .masked_feature_loss import masked_feature_loss
 
 __all__ = [
     "decoupled_kd_loss",

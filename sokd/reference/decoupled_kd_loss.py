@@ -1,42 +1,8 @@
-"""Reference losses of SPEC section 5, written for clarity; autograd gives their gradients."""
+"""Reference decoupled_kd_loss (docs/algorithm.md §5); autograd gives its gradients."""
 
 import torch
 
 from .common import accumulation_dtype, logit_rows
-
-
-def _safe_divide(numerator, denominator):
-    """numerator / denominator, and 0 (with gradient 0) where the denominator is 0."""
-    nonzero = denominator != 0
-    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1), 0)
-
-
-def masked_feature_loss(student, teacher, mask, normalize):
-    acc = accumulation_dtype(student.dtype)
-    squared = (student.to(acc) - teacher.to(acc)).square()
-    channels = student.shape[1]
-    if mask is None:
-        return squared.sum() / squared.numel()
-    mask_sq = mask.to(acc).square()
-    total = (squared * mask_sq[:, None]).sum()
-    if normalize == "elements":
-        return total / squared.numel()
-    return _safe_divide(total, channels * mask_sq.sum())
-
-
-def _row_weights_mean(per_row, weight):
-    if weight is None:
-        return per_row.mean()
-    w = weight.reshape(-1).to(per_row.dtype)
-    return _safe_divide((w * per_row).sum(), w.sum())
-
-
-def kd_loss(student, teacher, temperature, weight):
-    acc = accumulation_dtype(student.dtype)
-    log_p_student = torch.log_softmax(logit_rows(student).to(acc) / temperature, dim=1)
-    log_p_teacher = torch.log_softmax(logit_rows(teacher.detach()).to(acc) / temperature, dim=1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
-    return _row_weights_mean(kl, weight) * temperature**2
 
 
 def _log_normaliser(values, keep):

@@ -1,4 +1,4 @@
-"""Reference DAM peak decoding (SPEC section 4): local maxima, top-k, boxes, count map."""
+"""Reference DAM peak decoding (docs/algorithm.md §4): local maxima, top-k, boxes, count map."""
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,8 @@ def interest_map(heat, wh, offset, k, kernel):
     cy = ys + at_peaks(offset, 1)
     half_w = at_peaks(wh, 0) / 2
     half_h = at_peaks(wh, 1) / 2
-    # The clamps past the map (W, -1) leave every box's coverage as SPEC defines it, and keep
-    # huge centres from overflowing the integer conversion.
+    # The clamps past the map (W, -1) leave every box's coverage as docs/algorithm.md §4
+    # defines it, and keep huge centres from overflowing the integer conversion.
     x1 = torch.clamp(cx - half_w, 0, width).trunc()
     y1 = torch.clamp(cy - half_h, 0, height).trunc()
     x2 = torch.clamp(cx + half_w, -1, width - 1).trunc()

@@ -4,10 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "accumulation.h"
 #include "augment_plan.h"
 #include "cuda/reduce.cuh"
 
@@ -63,7 +63,7 @@ Tensor feature_augment(const Tensor& x, at::IntArrayRef op_ids, const Tensor& va
   Tensor out = at::empty_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "sokd_feature_augment_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     feature_augment_kernel<scalar_t, acc_t>
         <<<blocks_for(input.numel(), 65536), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             input.data_ptr<scalar_t>(), prepared.plan, device_values.data_ptr<float>(),

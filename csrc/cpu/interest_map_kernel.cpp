@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/llvmMathExtras.h>
@@ -13,6 +12,7 @@
 #include <numeric>
 #include <vector>
 
+#include "accumulation.h"
 #include "interest_math.h"
 #include "op_checks.h"
 
@@ -63,7 +63,7 @@ void local_peaks_separable(const scalar_t* __restrict__ plane, int64_t height, i
 template <typename scalar_t>
 void interest_map_typed(const Tensor& heat, const Tensor& wh, const Tensor& offset, int64_t k,
                         int64_t kernel, Tensor& count, Tensor& boxes, Tensor& scores) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t batch = heat.size(0), heat_channels = heat.size(1);
   const int64_t height = heat.size(2), width = heat.size(3);
   const int64_t plane = height * width, candidates = heat_channels * plane;

@@ -3,13 +3,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "accumulation.h"
 #include "augment_plan.h"
 #include "cpu/outputs.h"
 #include "cpu/vec_math.h"
@@ -26,7 +26,7 @@ using at::Tensor;
 template <int vectors, typename scalar_t>
 void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
                       scalar_t* output) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   using V = at::vec::Vectorized<acc_t>;
   constexpr int64_t kLanes = vectors * V::size();
   const int64_t channels = plan.channels, plane = plan.height * plan.width;
@@ -90,7 +90,7 @@ void augment_factored(const scalar_t* input, const AugmentPlan& plan, int64_t ba
 template <typename scalar_t>
 void augment_per_element(const scalar_t* input, const AugmentPlan& plan, int64_t batch,
                          scalar_t* output) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t channels = plan.channels, height = plan.height, width = plan.width;
   const int64_t output_rows = batch * channels * height;
   at::parallel_for(0, output_rows, std::max<int64_t>(1, 4096 / width), [&](int64_t begin,
@@ -126,7 +126,7 @@ Tensor feature_augment(const Tensor& x, at::IntArrayRef op_ids, const Tensor& va
     } else {
       // Two vectors of channels share each tap's weight, as long as the tile of a plane
       // stays in the core's L2; bigger planes take one.
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = acc_type<scalar_t>;
       constexpr int64_t kTileBytes = 128 << 10;
       const int64_t plane = input.size(2) * input.size(3);
       const int64_t pair_tile_bytes =

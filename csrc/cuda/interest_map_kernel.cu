@@ -4,10 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "accumulation.h"
 #include "cuda/reduce.cuh"
 #include "interest_math.h"
 #include "op_checks.h"
@@ -104,14 +104,14 @@ std::tuple<Tensor, Tensor, Tensor> interest_map(const Tensor& heat_in, const Ten
   const Tensor heat = heat_in.contiguous(), wh = wh_in.contiguous();
   const Tensor offset = offset_in.contiguous();
   const int64_t batch = heat.size(0), height = heat.size(2), width = heat.size(3);
-  const auto acc_dtype = heat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = accumulation_dtype(heat.scalar_type());
   Tensor count = at::empty({batch, height, width}, heat.options().dtype(at::kFloat));
   Tensor boxes = at::empty({batch, k, 4}, heat.options().dtype(at::kLong));
   Tensor scores = at::empty({batch, k}, heat.options());
   Tensor peaks = at::empty({heat.numel()}, heat.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, heat.scalar_type(),
                                   "sokd_interest_map_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     interest_map_kernel<scalar_t, acc_t>
         <<<batch, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             heat.data_ptr<scalar_t>(), wh.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
