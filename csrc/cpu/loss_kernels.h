@@ -1,5 +1,6 @@
 #pragma once
-// Work splitting and lane reductions shared by the CPU loss kernels (csrc/cpu/*_loss_kernel.cpp).
+// Work splitting, lane reductions and the entry steps (dtype dispatch, gradient output, zero
+// loss) shared by the CPU loss kernels (csrc/cpu/*_loss_kernel.cpp).
 //
 // Determinism: work is cut into fixed pieces (a feature plane, a row, a tile of dense rows)
 // whose partial sums land in their own slot; the slots are then added in index order. The
