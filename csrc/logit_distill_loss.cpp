@@ -9,29 +9,10 @@
 // "sum", and d row_loss / d student_logits for "none", in student_logits' dtype and shape
 // (zero beyond vocab_size and on ignored rows). With with_grad=false grad is empty.
 
+// The C++ entry is header-only; included here so that every build compiles it.
 #include "logit_distill_loss.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
-
-namespace sokd {
-
-std::tuple<at::Tensor, at::Tensor> logit_distill_loss(
-    const at::Tensor& student_logits, const std::optional<at::Tensor>& teacher_logits,
-    const std::optional<at::Tensor>& teacher_logprobs,
-    const std::optional<at::Tensor>& teacher_indices, const std::optional<at::Tensor>& labels,
-    c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
-    c10::string_view reduction, const std::optional<at::Tensor>& num_items,
-    c10::SymInt vocab_size, bool with_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sokd::logit_distill_loss", "")
-                             .typed<decltype(logit_distill_loss)>();
-  return op.call(student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels,
-                 divergence, beta, temperature, ignore_index, reduction, num_items,
-                 std::move(vocab_size), with_grad);
-}
-
-}  // namespace sokd
 
 TORCH_LIBRARY_FRAGMENT(sokd, m) {
   m.def("logit_distill_loss(Tensor student_logits, Tensor? teacher_logits, "

@@ -66,6 +66,18 @@ inline void check_logit_inputs(const at::Tensor& student, const at::Tensor& teac
               "temperature must be a finite number > 0, got ", temperature);
 }
 
+// N x K logits, or dense N x K x H x W ones with one row per position: the sizes a loss kernel
+// walks.
+struct LogitRows {
+  int64_t batch, classes, positions, rows;
+};
+
+inline LogitRows logit_rows(const at::Tensor& logits) {
+  const int64_t batch = logits.size(0);
+  const int64_t positions = logits.dim() == 4 ? logits.size(2) * logits.size(3) : 1;
+  return {batch, logits.size(1), positions, batch * positions};
+}
+
 // The (N, H, W) or (N,) shape with one value per logit row.
 inline std::vector<int64_t> row_shape(const at::Tensor& logits) {
   std::vector<int64_t> shape{logits.size(0)};
@@ -90,6 +102,15 @@ inline void check_class_mask(const at::Tensor& class_mask, const at::Tensor& log
               class_mask.scalar_type());
   TORCH_CHECK(class_mask.sizes() == logits.sizes(), "class_mask must have the shape of the logits ",
               logits.sizes(), ", got ", class_mask.sizes());
+}
+
+inline void check_decoupled_kd_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                                      const at::Tensor& class_mask, double alpha, double beta,
+                                      double temperature, c10::DeviceType device) {
+  check_logit_inputs(student, teacher, temperature, device);
+  check_class_mask(class_mask, student, device);
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && std::isfinite(beta) && beta >= 0,
+              "alpha and beta must be finite and >= 0, got ", alpha, " and ", beta);
 }
 
 inline void check_interest_inputs(const at::Tensor& heat, const at::Tensor& wh,

@@ -16,6 +16,13 @@ import torch
 T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def is_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
 
 
 def tensor(
@@ -25,8 +32,7 @@ def tensor(
     shape_hint: str = "",
     floating: bool = True,
 ) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    is_tensor(value, name)
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
@@ -43,24 +49,38 @@ def tensor(
     return value
 
 
+def tensor_of(
+    value: object, name: str, dtypes: Collection[torch.dtype], kind: str
+) -> torch.Tensor:
+    """A tensor of any shape whose dtype is one of `dtypes`; `kind` names them for the error."""
+    is_tensor(value, name)
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must be {kind}, got {value.dtype}")
+    return value
+
+
 def same_device(
     value: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str
 ) -> None:
-    if value.device != reference.device:
-        raise ValueError(
-            f"{name} is on {value.device} but {reference_name} is on {reference.device}; "
-            "move them to one device"
-        )
+    _same(value.device, name, reference.device, reference_name, ValueError,
+          "{name} is on {value} but {reference_name} is on {reference}; move them to one device")
 
 
 def same_dtype(
     value: torch.Tensor, name: str, reference: torch.Tensor, reference_name: str
 ) -> None:
-    if value.dtype != reference.dtype:
-        raise TypeError(
-            f"{name} has dtype {value.dtype} but {reference_name} has {reference.dtype}; "
-            "cast them to one dtype"
-        )
+    _same(value.dtype, name, reference.dtype, reference_name, TypeError,
+          "{name} has dtype {value} but {reference_name} has {reference}; cast them to one dtype")
+
+
+def _same(
+    value: object, name: str, reference: object, reference_name: str, error: type[Exception],
+    message: str,
+) -> None:
+    if value != reference:
+        raise error(message.format(
+            name=name, value=value, reference_name=reference_name, reference=reference
+        ))
 
 
 def shape(value: torch.Tensor, name: str, expected: Sequence[int], what: str) -> None:

@@ -152,10 +152,7 @@ def decoupled_kd_loss(
     contributes 0. The teacher gets no gradient.
     """
     _check_logit_pair(student_logits, teacher_logits)
-    if not isinstance(class_mask, torch.Tensor):
-        raise TypeError(f"class_mask must be a torch.Tensor, got {type(class_mask).__name__}")
-    if class_mask.dtype != torch.bool:
-        raise TypeError(f"class_mask must be a bool tensor, got {class_mask.dtype}")
+    check.tensor_of(class_mask, "class_mask", (torch.bool,), "a bool tensor")
     check.same_device(class_mask, "class_mask", student_logits, "student_logits")
     check.shape(class_mask, "class_mask", student_logits.shape, "the shape of the logits")
     alpha = check.non_negative_number(alpha, "alpha")
@@ -185,10 +182,7 @@ def dkd_loss(
     target holds class indices: N for N x K logits, N x H x W for dense logits.
     """
     check.tensor(student_logits, "student_logits", (2, 4), "N x K or dense N x K x H x W")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    check.tensor_of(target, "target", check.INTEGER_DTYPES, "an integer tensor of class indices")
     check.same_device(target, "target", student_logits, "student_logits")
     check.shape(target, "target", _row_shape(student_logits), "one class index per row")
     num_classes = student_logits.shape[1]
@@ -333,8 +327,7 @@ def feature_augment(
     """
     check.tensor(x, "x", 4, "N x C x H x W")
     op_ids = _check_op_ids(op_ids)
-    if not isinstance(magnitudes, torch.Tensor):
-        raise TypeError(f"magnitudes must be a torch.Tensor, got {type(magnitudes).__name__}")
+    check.is_tensor(magnitudes, "magnitudes")
     if not magnitudes.is_floating_point():
         raise TypeError(f"magnitudes must be a floating tensor, got {magnitudes.dtype}")
     if magnitudes.shape != (len(op_ids),):

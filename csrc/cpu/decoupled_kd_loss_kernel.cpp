@@ -183,16 +183,14 @@ std::tuple<Tensor, Tensor> decoupled_kd_loss_typed(const Tensor& student, const 
                                                    bool with_grad) {
   using acc_t = acc_type<scalar_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t batch = student.size(0), classes = student.size(1);
-  const int64_t positions = student.dim() == 4 ? student.size(2) * student.size(3) : 1;
-  const int64_t rows = batch * positions;
+  const auto [batch, classes, positions, rows] = logit_rows(student);
   const acc_t temp = static_cast<acc_t>(temperature);
   const acc_t inv_temperature = acc_t(1) / temp;
   // d loss / d s = T^2 / rows * d(row loss) / d z_s / T.
   const acc_t grad_coef = temp / static_cast<acc_t>(rows);
   const acc_t alpha_acc = static_cast<acc_t>(alpha), beta_acc = static_cast<acc_t>(beta);
 
-  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
+  Tensor grad = empty_grad_like(student, with_grad);
   const scalar_t* s = student.data_ptr<scalar_t>();
   const scalar_t* t = teacher.data_ptr<scalar_t>();
   const bool* in_set = class_mask.data_ptr<bool>();
@@ -236,18 +234,13 @@ std::tuple<Tensor, Tensor> decoupled_kd_loss_typed(const Tensor& student, const 
 std::tuple<Tensor, Tensor> decoupled_kd_loss(const Tensor& student, const Tensor& teacher,
                                              const Tensor& class_mask, double alpha, double beta,
                                              double temperature, bool with_grad) {
-  check_logit_inputs(student, teacher, temperature, c10::DeviceType::CPU);
-  check_class_mask(class_mask, student, c10::DeviceType::CPU);
-  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && std::isfinite(beta) && beta >= 0,
-              "alpha and beta must be finite and >= 0, got ", alpha, " and ", beta);
-  std::tuple<Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "sokd_decoupled_kd_loss", [&] {
-    result = decoupled_kd_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(),
-                                               class_mask.contiguous(), alpha, beta,
-                                               temperature, with_grad);
+  check_decoupled_kd_inputs(student, teacher, class_mask, alpha, beta, temperature,
+                            c10::DeviceType::CPU);
+  return dispatch_loss(student.scalar_type(), [&](auto dtype) {
+    return decoupled_kd_loss_typed<typename decltype(dtype)::type>(
+        student.contiguous(), teacher.contiguous(), class_mask.contiguous(), alpha, beta,
+        temperature, with_grad);
   });
-  return with_accumulation_grad(std::move(result), student.scalar_type());
 }
 
 }  // namespace

@@ -175,20 +175,15 @@ std::tuple<Tensor, Tensor> kd_loss_typed(const Tensor& student, const Tensor& te
   using acc_t = acc_type<scalar_t>;
   using V = Vectorized<acc_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t batch = student.size(0), classes = student.size(1);
-  const int64_t positions = student.dim() == 4 ? student.size(2) * student.size(3) : 1;
-  const int64_t rows = batch * positions;
+  const auto [batch, classes, positions, rows] = logit_rows(student);
   const acc_t temp = static_cast<acc_t>(temperature);
   const acc_t inv_temperature = acc_t(1) / temp;
 
   Tensor weights;
   acc_t weight_total;
   std::tie(weights, weight_total) = row_weights<acc_t>(weight, rows);
-  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
-  if (weight_total == acc_t(0)) {
-    if (with_grad) grad.zero_();
-    return {at::zeros({}, student.options().dtype(acc_dtype)), grad};
-  }
+  Tensor grad = empty_grad_like(student, with_grad);
+  if (weight_total == acc_t(0)) return zero_loss(student, grad);
   const acc_t* w = weights.data_ptr<acc_t>();
   const scalar_t* s = student.data_ptr<scalar_t>();
   const scalar_t* t = teacher.data_ptr<scalar_t>();
@@ -242,13 +237,11 @@ std::tuple<Tensor, Tensor> kd_loss(const Tensor& student, const Tensor& teacher,
                                    bool with_grad) {
   check_logit_inputs(student, teacher, temperature, c10::DeviceType::CPU);
   check_row_weight(weight, student, c10::DeviceType::CPU);
-  std::tuple<Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "sokd_kd_loss", [&] {
-    result = kd_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(), temperature,
-                                     weight, with_grad);
+  return dispatch_loss(student.scalar_type(), [&](auto dtype) {
+    return kd_loss_typed<typename decltype(dtype)::type>(student.contiguous(),
+                                                         teacher.contiguous(), temperature,
+                                                         weight, with_grad);
   });
-  return with_accumulation_grad(std::move(result), student.scalar_type());
 }
 
 }  // namespace

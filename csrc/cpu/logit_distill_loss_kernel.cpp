@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "accumulation.h"
+#include "cpu/loss_kernels.h"
 #include "cpu/outputs.h"
 #include "cpu/vec_math.h"
 
@@ -37,32 +38,32 @@ using at::vec::Vectorized;
 enum class Divergence { kForwardKl, kReverseKl, kJsd };
 enum class Reduction { kNone, kMean, kSum };
 
-// Rows per at::parallel_for task: enough elements to amortise the task overhead.
-constexpr int64_t kGrainElements = 32768;
+// The option named `value` among `options` (listed in the order the error names them); any
+// other name raises, naming `what` and every option.
+template <typename Option, size_t kCount>
+Option parse_option(c10::string_view value, const char* what,
+                    const std::pair<c10::string_view, Option> (&options)[kCount]) {
+  for (const auto& [name, option] : options) {
+    if (value == name) return option;
+  }
+  std::string listed;
+  for (size_t i = 0; i < kCount; ++i) {
+    listed += i == 0 ? "'" : i + 1 == kCount ? " or '" : ", '";
+    listed += std::string(options[i].first) + "'";
+  }
+  TORCH_CHECK(false, what, " must be ", listed, ", got '", std::string(value), "'");
+}
 
 Divergence parse_divergence(c10::string_view name) {
-  if (name == "forward_kl") return Divergence::kForwardKl;
-  if (name == "reverse_kl") return Divergence::kReverseKl;
-  TORCH_CHECK(name == "jsd", "divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got '",
-              std::string(name), "'");
-  return Divergence::kJsd;
+  return parse_option<Divergence>(name, "divergence", {{"forward_kl", Divergence::kForwardKl},
+                                                       {"reverse_kl", Divergence::kReverseKl},
+                                                       {"jsd", Divergence::kJsd}});
 }
 
 Reduction parse_reduction(c10::string_view name) {
-  if (name == "none") return Reduction::kNone;
-  if (name == "mean") return Reduction::kMean;
-  TORCH_CHECK(name == "sum", "reduction must be 'mean', 'sum' or 'none', got '",
-              std::string(name), "'");
-  return Reduction::kSum;
-}
-
-template <typename acc_t, typename Combine>
-acc_t reduce_lanes(const Vectorized<acc_t>& lanes, acc_t initial, Combine combine) {
-  acc_t buffer[Vectorized<acc_t>::size()];
-  lanes.store(buffer);
-  acc_t result = initial;
-  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) result = combine(result, buffer[i]);
-  return result;
+  return parse_option<Reduction>(name, "reduction", {{"mean", Reduction::kMean},
+                                                     {"sum", Reduction::kSum},
+                                                     {"none", Reduction::kNone}});
 }
 
 template <typename acc_t>
@@ -386,7 +387,7 @@ std::tuple<Tensor, Tensor> logit_distill_typed(
                                       divergence,
                                       static_cast<acc_t>(beta)};
 
-  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
+  Tensor grad = empty_grad_like(student, with_grad);
   const scalar_t* s = student.data_ptr<scalar_t>();
   const int64_t s_stride = student.stride(0);
   const scalar_t* t = topk ? nullptr : teacher->data_ptr<scalar_t>();
@@ -396,8 +397,7 @@ std::tuple<Tensor, Tensor> logit_distill_typed(
   scalar_t* g = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
   std::vector<acc_t> row_loss(rows, acc_t(0));
 
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, vocab));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer((topk ? 1 : 2) * vocab);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* g_row = g ? g + r * width : nullptr;

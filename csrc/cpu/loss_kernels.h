@@ -1,15 +1,22 @@
 #pragma once
-// Work splitting and lane reductions shared by the CPU loss kernels (csrc/cpu/*_loss_kernel.cpp).
+// Work splitting, lane reductions and the entry steps (dtype dispatch, gradient output, zero
+// loss) shared by the CPU loss kernels (csrc/cpu/*_loss_kernel.cpp).
 //
 // Determinism: work is cut into fixed pieces (a feature plane, a row, a tile of dense rows)
 // whose partial sums land in their own slot; the slots are then added in index order. The
 // result therefore does not depend on how many threads at::parallel_for uses.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
+
+#include "accumulation.h"
+#include "cpu/outputs.h"
 
 namespace sokd::cpu {
 
@@ -58,6 +65,30 @@ void for_each_dense_tile(int64_t batch, int64_t classes, int64_t positions,
       for (int64_t p = first; p < last; ++p) run_row(image, p);
     }
   });
+}
+
+// The gradient output of a loss kernel for `student`: empty (no elements) without with_grad.
+inline at::Tensor empty_grad_like(const at::Tensor& student, bool with_grad) {
+  return with_grad ? empty_output_like(student) : at::empty({0}, student.options());
+}
+
+// (loss, grad) of a loss whose normaliser is 0: loss 0 and gradient 0, never NaN.
+inline std::tuple<at::Tensor, at::Tensor> zero_loss(const at::Tensor& student, at::Tensor grad) {
+  grad.zero_();
+  return {at::zeros({}, student.options().dtype(accumulation_dtype(student.scalar_type()))),
+          grad};
+}
+
+// The entry of a loss kernel: run_typed(std::type_identity<scalar_t>{}) computes (loss, grad)
+// for the floating dtype `input`; the gradient comes back in the accumulation dtype.
+template <typename RunTyped>
+std::tuple<at::Tensor, at::Tensor> dispatch_loss(c10::ScalarType input,
+                                                 const RunTyped& run_typed) {
+  std::tuple<at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input, "sokd_cpu_loss", [&] {
+    result = run_typed(std::type_identity<scalar_t>{});
+  });
+  return with_accumulation_grad(std::move(result), input);
 }
 
 }  // namespace sokd::cpu

@@ -55,12 +55,9 @@ std::tuple<Tensor, Tensor> masked_feature_loss_typed(const Tensor& student, cons
     std::tie(mask_sq, mask_total) = mask_squared<acc_t>(*mask);
     if (normalize_by_mask) normaliser = static_cast<acc_t>(channels) * mask_total;
   }
-  Tensor grad = with_grad ? empty_output_like(student) : at::empty({0}, student.options());
-  if (normaliser == acc_t(0)) {
-    // An all-zero mask under normalize="mask": loss 0 and gradient 0, never NaN.
-    if (with_grad) grad.zero_();
-    return {at::zeros({}, student.options().dtype(acc_dtype)), grad};
-  }
+  Tensor grad = empty_grad_like(student, with_grad);
+  // An all-zero mask under normalize="mask".
+  if (normaliser == acc_t(0)) return zero_loss(student, grad);
 
   const scalar_t* s = student.data_ptr<scalar_t>();
   const scalar_t* t = teacher.data_ptr<scalar_t>();
@@ -122,13 +119,10 @@ std::tuple<Tensor, Tensor> masked_feature_loss(const Tensor& student, const Tens
                                                const std::optional<Tensor>& mask,
                                                bool normalize_by_mask, bool with_grad) {
   check_masked_feature_inputs(student, teacher, mask, c10::DeviceType::CPU);
-  std::tuple<Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "sokd_masked_feature_loss", [&] {
-    result = masked_feature_loss_typed<scalar_t>(student.contiguous(), teacher.contiguous(),
-                                                 mask, normalize_by_mask, with_grad);
+  return dispatch_loss(student.scalar_type(), [&](auto dtype) {
+    return masked_feature_loss_typed<typename decltype(dtype)::type>(
+        student.contiguous(), teacher.contiguous(), mask, normalize_by_mask, with_grad);
   });
-  return with_accumulation_grad(std::move(result), student.scalar_type());
 }
 
 }  // namespace

@@ -117,46 +117,28 @@ __global__ void decoupled_kd_contiguous_rows_kernel(const scalar_t* student,
       decoupled_kd_finish(max, sums, stats.has_in, stats.has_out, alpha, beta, coef);
   if (threadIdx.x % kRowThreads == 0) row_loss[r] = result.loss;
   if (grad == nullptr) return;
-  auto gradient = [&](bool in, scalar_t s, scalar_t t) {
+  auto gradient = [&](int64_t j, scalar_t s, scalar_t t) {
+    const bool in = m_row[j];
     acc_t shifted_s, shifted_t;
     max.shift(in, static_cast<acc_t>(s) * inv_temperature,
               static_cast<acc_t>(t) * inv_temperature, shifted_s, shifted_t);
     return static_cast<scalar_t>(decoupled_kd_grad(in, MathOps<acc_t>::exp(shifted_s),
                                                    MathOps<acc_t>::exp(shifted_t), result));
   };
-  using Values = Pack<scalar_t, kVec>;
-  const int thread = threadIdx.x % kRowThreads;
-  const int64_t vectors = kVec > 1 ? classes / kVec : 0;
-  Values* g_row = reinterpret_cast<Values*>(grad + r * classes);
-  for (int64_t v = thread; v < vectors; v += kRowThreads) {
-    const Values s = reinterpret_cast<const Values*>(s_row)[v];
-    const Values t = reinterpret_cast<const Values*>(t_row)[v];
-    Values g;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      g.value[k] = gradient(m_row[v * kVec + k], s.value[k], t.value[k]);
-    }
-    g_row[v] = g;
-  }
-  for (int64_t j = vectors * kVec + thread; j < classes; j += kRowThreads) {
-    grad[r * classes + j] = gradient(m_row[j], s_row[j], t_row[j]);
-  }
+  write_my_classes<kRowThreads, kVec>(s_row, t_row, grad + r * classes, classes, gradient);
 }
 
 std::tuple<Tensor, Tensor> decoupled_kd_loss(const Tensor& student_in, const Tensor& teacher_in,
                                              const Tensor& class_mask_in, double alpha,
                                              double beta, double temperature, bool with_grad) {
-  check_logit_inputs(student_in, teacher_in, temperature, c10::DeviceType::CUDA);
-  check_class_mask(class_mask_in, student_in, c10::DeviceType::CUDA);
-  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && std::isfinite(beta) && beta >= 0,
-              "alpha and beta must be finite and >= 0, got ", alpha, " and ", beta);
+  check_decoupled_kd_inputs(student_in, teacher_in, class_mask_in, alpha, beta, temperature,
+                            c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(student_in.device());
   const Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const Tensor class_mask = class_mask_in.contiguous();
   const auto acc_dtype = accumulation_dtype(student.scalar_type());
-  const int64_t batch = student.size(0), classes = student.size(1);
-  const int64_t positions = student.dim() == 4 ? student.size(2) * student.size(3) : 1;
-  const int64_t rows = batch * positions;
+  const LogitRows layout = logit_rows(student);
+  const auto [batch, classes, positions, rows] = layout;
   Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
   Tensor loss = at::empty({}, student.options().dtype(acc_dtype));
   Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
@@ -167,26 +149,22 @@ std::tuple<Tensor, Tensor> decoupled_kd_loss(const Tensor& student_in, const Ten
     const acc_t temp = static_cast<acc_t>(temperature);
     const auto stream = at::cuda::getCurrentCUDAStream();
     scalar_t* grad_data = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    if (positions == 1) {
-      const bool vectorise = can_vectorise<scalar_t>(
-          {student.data_ptr(), teacher.data_ptr(), grad_data}, classes);
-      launch_contiguous_rows<kVec16<scalar_t>>(
-          rows, classes, vectorise, [&](auto row_threads, auto vec, int64_t blocks) {
-            decoupled_kd_contiguous_rows_kernel<scalar_t, acc_t, decltype(row_threads)::value,
-                                                decltype(vec)::value>
-                <<<blocks, kThreads, 0, stream>>>(
-                    student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
-                    class_mask.data_ptr<bool>(), rows, classes, static_cast<acc_t>(alpha),
-                    static_cast<acc_t>(beta), temp, grad_data, row_loss.data_ptr<acc_t>());
-          });
-    } else {
-      decoupled_kd_rows_kernel<scalar_t, acc_t>
-          <<<(rows + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+    launch_logit_rows(
+        layout, student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), grad_data,
+        [&](auto row_threads, auto vec, int64_t blocks) {
+          decoupled_kd_contiguous_rows_kernel<scalar_t, acc_t, decltype(row_threads)::value,
+                                              decltype(vec)::value>
+              <<<blocks, kThreads, 0, stream>>>(
+                  student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
+                  class_mask.data_ptr<bool>(), rows, classes, static_cast<acc_t>(alpha),
+                  static_cast<acc_t>(beta), temp, grad_data, row_loss.data_ptr<acc_t>());
+        },
+        [&](int64_t blocks) {
+          decoupled_kd_rows_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
               student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
               class_mask.data_ptr<bool>(), rows, classes, positions, static_cast<acc_t>(alpha),
               static_cast<acc_t>(beta), temp, grad_data, row_loss.data_ptr<acc_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
     launch_finish_sum<acc_t>(row_loss, row_count, temp * temp, loss);
   });
   return with_accumulation_grad({loss, grad}, student.scalar_type());

@@ -86,24 +86,20 @@ __global__ void kd_contiguous_rows_kernel(const scalar_t* student, const scalar_
   const scalar_t* t_row = teacher + r * classes;
   const acc_t inv_temperature = acc_t(1) / temperature;
   KdStats<acc_t> stats{online_start<acc_t>(), online_start<acc_t>(), acc_t(0)};
-  using Values = Pack<scalar_t, kVec>;
-  const int thread = threadIdx.x % kRowThreads;
-  const int64_t vectors = kVec > 1 ? classes / kVec : 0;
-  for (int64_t v = thread; v < vectors; v += kRowThreads) {
-    const Values s = reinterpret_cast<const Values*>(s_row)[v];
-    const Values t = reinterpret_cast<const Values*>(t_row)[v];
-    acc_t zs[kVec], zt[kVec];
+  for_my_packs<kRowThreads, kVec>(
+      s_row, t_row, classes,
+      [&](int64_t, const Pack<scalar_t, kVec>& s, const Pack<scalar_t, kVec>& t) {
+        acc_t zs[kVec], zt[kVec];
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      zs[k] = static_cast<acc_t>(s.value[k]) * inv_temperature;
-      zt[k] = static_cast<acc_t>(t.value[k]) * inv_temperature;
-    }
-    stats.add_pack(zs, zt);
-  }
-  for (int64_t j = vectors * kVec + thread; j < classes; j += kRowThreads) {
-    stats.add(static_cast<acc_t>(s_row[j]) * inv_temperature,
-              static_cast<acc_t>(t_row[j]) * inv_temperature);
-  }
+        for (int k = 0; k < kVec; ++k) {
+          zs[k] = static_cast<acc_t>(s.value[k]) * inv_temperature;
+          zt[k] = static_cast<acc_t>(t.value[k]) * inv_temperature;
+        }
+        stats.add_pack(zs, zt);
+      },
+      [&](int64_t, scalar_t s, scalar_t t) {
+        stats.add(static_cast<acc_t>(s) * inv_temperature, static_cast<acc_t>(t) * inv_temperature);
+      });
   stats = merge_row<kRowThreads>(stats);
   // kd_row's cross term, taken against both maxima: sum e_t ((z_t - max_t) - (z_s - max_s)).
   const acc_t cross = stats.cross - stats.t.sum * (stats.t.max - stats.s.max);
@@ -115,23 +111,12 @@ __global__ void kd_contiguous_rows_kernel(const scalar_t* student, const scalar_
   const acc_t total = *weight_total;
   const acc_t coef = total == acc_t(0) ? acc_t(0) : temperature * w / total;
   const acc_t shift_s = stats.s.log_sum_exp(), shift_t = stats.t.log_sum_exp();
-  auto gradient = [&](scalar_t s, scalar_t t) {
-    return static_cast<scalar_t>(
-        coef * (MathOps<acc_t>::exp(static_cast<acc_t>(s) * inv_temperature - shift_s) -
-                MathOps<acc_t>::exp(static_cast<acc_t>(t) * inv_temperature - shift_t)));
-  };
-  Values* g_row = reinterpret_cast<Values*>(grad + r * classes);
-  for (int64_t v = thread; v < vectors; v += kRowThreads) {
-    const Values s = reinterpret_cast<const Values*>(s_row)[v];
-    const Values t = reinterpret_cast<const Values*>(t_row)[v];
-    Values g;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) g.value[k] = gradient(s.value[k], t.value[k]);
-    g_row[v] = g;
-  }
-  for (int64_t j = vectors * kVec + thread; j < classes; j += kRowThreads) {
-    grad[r * classes + j] = gradient(s_row[j], t_row[j]);
-  }
+  write_my_classes<kRowThreads, kVec>(
+      s_row, t_row, grad + r * classes, classes, [&](int64_t, scalar_t s, scalar_t t) {
+        return static_cast<scalar_t>(
+            coef * (MathOps<acc_t>::exp(static_cast<acc_t>(s) * inv_temperature - shift_s) -
+                    MathOps<acc_t>::exp(static_cast<acc_t>(t) * inv_temperature - shift_t)));
+      });
 }
 
 // Dense rows (classes H*W apart): a thread per row, so each class is read coalesced across the
@@ -161,9 +146,8 @@ std::tuple<Tensor, Tensor> kd_loss(const Tensor& student_in, const Tensor& teach
   c10::cuda::CUDAGuard guard(student_in.device());
   const Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const auto acc_dtype = accumulation_dtype(student.scalar_type());
-  const int64_t batch = student.size(0), classes = student.size(1);
-  const int64_t positions = student.dim() == 4 ? student.size(2) * student.size(3) : 1;
-  const int64_t rows = batch * positions;
+  const LogitRows layout = logit_rows(student);
+  const auto [batch, classes, positions, rows] = layout;
   Tensor weights, weight_total;
   if (weight.has_value()) {
     weights = weight->to(acc_dtype).reshape({rows}).contiguous();
@@ -181,24 +165,21 @@ std::tuple<Tensor, Tensor> kd_loss(const Tensor& student_in, const Tensor& teach
     const auto stream = at::cuda::getCurrentCUDAStream();
     const acc_t* weight_data = weight.has_value() ? weights.data_ptr<acc_t>() : nullptr;
     scalar_t* grad_data = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    if (positions == 1) {
-      const bool vectorise = can_vectorise<scalar_t>(
-          {student.data_ptr(), teacher.data_ptr(), grad_data}, classes);
-      launch_contiguous_rows<kVec16<scalar_t>>(
-          rows, classes, vectorise, [&](auto row_threads, auto vec, int64_t blocks) {
-            kd_contiguous_rows_kernel<scalar_t, acc_t, decltype(row_threads)::value,
-                                      decltype(vec)::value><<<blocks, kThreads, 0, stream>>>(
-                student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), weight_data,
-                weight_total.data_ptr<acc_t>(), rows, classes, temp, grad_data,
-                weighted_kl.data_ptr<acc_t>());
-          });
-    } else {
-      kd_rows_kernel<scalar_t, acc_t><<<(rows + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-          student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), weight_data,
-          weight_total.data_ptr<acc_t>(), rows, classes, positions, temp, grad_data,
-          weighted_kl.data_ptr<acc_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_logit_rows(
+        layout, student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), grad_data,
+        [&](auto row_threads, auto vec, int64_t blocks) {
+          kd_contiguous_rows_kernel<scalar_t, acc_t, decltype(row_threads)::value,
+                                    decltype(vec)::value><<<blocks, kThreads, 0, stream>>>(
+              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), weight_data,
+              weight_total.data_ptr<acc_t>(), rows, classes, temp, grad_data,
+              weighted_kl.data_ptr<acc_t>());
+        },
+        [&](int64_t blocks) {
+          kd_rows_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), weight_data,
+              weight_total.data_ptr<acc_t>(), rows, classes, positions, temp, grad_data,
+              weighted_kl.data_ptr<acc_t>());
+        });
     launch_finish_sum<acc_t>(weighted_kl, weight_total, temp * temp, loss);
   });
   return with_accumulation_grad({loss, grad}, student.scalar_type());

@@ -1,11 +1,15 @@
 #pragma once
-// Online softmax statistics and row launches shared by the CUDA kernels of kd_loss and
-// decoupled_kd_loss (csrc/cuda/*_loss_kernel.cu).
+// Online softmax statistics, row walks and row launches shared by the CUDA kernels of kd_loss
+// and decoupled_kd_loss (csrc/cuda/*_loss_kernel.cu).
+
+#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/reduce.cuh"
 #include "math_ops.h"
+#include "op_checks.h"
 
 namespace sokd::cuda {
 
@@ -71,23 +75,55 @@ __device__ __forceinline__ Stats merge_row(Stats stats) {
   return stats;
 }
 
-// Calls visit(j, student_j, teacher_j) for this thread's classes of one contiguous row: kVec
-// at a time through 16-byte loads (rows then start 16-byte aligned), the rest one by one.
-template <int kRowThreads, int kVec, typename scalar_t, typename Visit>
-__device__ __forceinline__ void for_my_classes(const scalar_t* student, const scalar_t* teacher,
-                                               int64_t classes, Visit&& visit) {
+// Walks this thread's classes of one contiguous row: visit_pack(v, student_pack, teacher_pack)
+// for the kVec classes from v * kVec on, read through 16-byte loads (rows then start 16-byte
+// aligned), and visit_one(j, student_j, teacher_j) for the classes after the last whole pack.
+template <int kRowThreads, int kVec, typename scalar_t, typename VisitPack, typename VisitOne>
+__device__ __forceinline__ void for_my_packs(const scalar_t* student, const scalar_t* teacher,
+                                             int64_t classes, VisitPack&& visit_pack,
+                                             VisitOne&& visit_one) {
   using Values = Pack<scalar_t, kVec>;
   const int thread = threadIdx.x % kRowThreads;
   const int64_t vectors = kVec > 1 ? classes / kVec : 0;
   for (int64_t v = thread; v < vectors; v += kRowThreads) {
     const Values s = reinterpret_cast<const Values*>(student)[v];
     const Values t = reinterpret_cast<const Values*>(teacher)[v];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) visit(v * kVec + k, s.value[k], t.value[k]);
+    visit_pack(v, s, t);
   }
   for (int64_t j = vectors * kVec + thread; j < classes; j += kRowThreads) {
-    visit(j, student[j], teacher[j]);
+    visit_one(j, student[j], teacher[j]);
   }
+}
+
+// Calls visit(j, student_j, teacher_j) for this thread's classes of one contiguous row.
+template <int kRowThreads, int kVec, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_my_classes(const scalar_t* student, const scalar_t* teacher,
+                                               int64_t classes, Visit&& visit) {
+  for_my_packs<kRowThreads, kVec>(
+      student, teacher, classes,
+      [&](int64_t v, const Pack<scalar_t, kVec>& s, const Pack<scalar_t, kVec>& t) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) visit(v * kVec + k, s.value[k], t.value[k]);
+      },
+      visit);
+}
+
+// Writes grad[j] = gradient(j, student_j, teacher_j) for this thread's classes of one
+// contiguous row, kVec at a time through 16-byte stores.
+template <int kRowThreads, int kVec, typename scalar_t, typename Gradient>
+__device__ __forceinline__ void write_my_classes(const scalar_t* student, const scalar_t* teacher,
+                                                 scalar_t* grad, int64_t classes,
+                                                 Gradient&& gradient) {
+  using Values = Pack<scalar_t, kVec>;
+  for_my_packs<kRowThreads, kVec>(
+      student, teacher, classes,
+      [&](int64_t v, const Values& s, const Values& t) {
+        Values g;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) g.value[k] = gradient(v * kVec + k, s.value[k], t.value[k]);
+        reinterpret_cast<Values*>(grad)[v] = g;
+      },
+      [&](int64_t j, scalar_t s, scalar_t t) { grad[j] = gradient(j, s, t); });
 }
 
 // A block per row when the rows are too few to fill the GPU with a warp each and long enough
@@ -114,6 +150,21 @@ void launch_contiguous_rows(int64_t rows, int64_t classes, bool vectorise, Launc
               : launch(std::integral_constant<int, kWarp>{}, std::integral_constant<int, 1>{},
                        blocks);
   }
+}
+
+// Launches a loss kernel over the rows of `layout` and checks the launch: N x K logits through
+// launch_contiguous_rows (contiguous(row_threads, vec, blocks)), with 16-byte accesses where
+// student, teacher and grad allow them; dense logits a thread per row (dense(blocks)).
+template <typename scalar_t, typename Contiguous, typename Dense>
+void launch_logit_rows(const LogitRows& layout, const scalar_t* student, const scalar_t* teacher,
+                       const scalar_t* grad, Contiguous&& contiguous, Dense&& dense) {
+  if (layout.positions == 1) {
+    const bool vectorise = can_vectorise<scalar_t>({student, teacher, grad}, layout.classes);
+    launch_contiguous_rows<kVec16<scalar_t>>(layout.rows, layout.classes, vectorise, contiguous);
+  } else {
+    dense((layout.rows + kThreads - 1) / kThreads);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace sokd::cuda

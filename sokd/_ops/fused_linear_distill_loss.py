@@ -24,6 +24,7 @@ import sokd.reference.logit_distill_loss as reference
 from .. import _validation as check
 from ..reference.common import accumulation_dtype
 from .logit_distill_loss import (
+    DistillLossModule,
     Divergence,
     Reduction,
     check_common,
@@ -268,7 +269,7 @@ def fused_linear_distill_loss(
     return loss.reshape(lead) if reduction == "none" else loss
 
 
-class FusedLinearDistillLoss(torch.nn.Module):
+class FusedLinearDistillLoss(DistillLossModule):
     """Module form of `fused_linear_distill_loss` (docs/algorithm.md §7): the options are fixed
     at construction; forward(student_hidden, student_weight, teacher_hidden, teacher_weight,
     student_bias=None, teacher_bias=None, labels=None, num_items=None) returns the loss."""
@@ -283,14 +284,7 @@ class FusedLinearDistillLoss(torch.nn.Module):
         vocab_size: int | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.beta, self.temperature = check_common(
-            divergence, beta, temperature, ignore_index, reduction
-        )
-        self.divergence = divergence
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.vocab_size = vocab_size
+        super().__init__(divergence, beta, temperature, ignore_index, reduction, vocab_size)
         self.chunk_size = chunk_size
 
     def forward(
@@ -312,7 +306,4 @@ class FusedLinearDistillLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}, chunk_size={self.chunk_size}"
-        )
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -31,7 +31,6 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Reduction = Literal["mean", "sum", "none"]
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
-INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Top-k log-probabilities above 0 by more than this are an error, not rounding.
 LOGPROB_TOLERANCE = 1e-4
 
@@ -183,10 +182,7 @@ def use_reference(device: torch.device) -> bool:
 
 
 def _check_integer_tensor(value: object, name: str, device: torch.device) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in INTEGER_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    check.tensor_of(value, name, check.INTEGER_DTYPES, "an integer tensor")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but student_logits is on {device}")
     return value
@@ -408,10 +404,8 @@ def logit_distill_loss(
     return loss.reshape(lead) if reduction == "none" else loss
 
 
-class LogitDistillLoss(torch.nn.Module):
-    """Module form of `logit_distill_loss` (docs/algorithm.md §7): the options are fixed at
-    construction; forward(student_logits, teacher_logits=None, labels=None, num_items=None,
-    teacher_topk=None) returns the loss."""
+class DistillLossModule(torch.nn.Module):
+    """The options of a logit distillation loss module, checked once at construction."""
 
     def __init__(
         self,
@@ -431,6 +425,18 @@ class LogitDistillLoss(torch.nn.Module):
         self.reduction = reduction
         self.vocab_size = vocab_size
 
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}"
+        )
+
+
+class LogitDistillLoss(DistillLossModule):
+    """Module form of `logit_distill_loss` (docs/algorithm.md §7): the options are fixed at
+    construction; forward(student_logits, teacher_logits=None, labels=None, num_items=None,
+    teacher_topk=None) returns the loss."""
+
     def forward(
         self,
         student_logits: Tensor,
@@ -444,10 +450,4 @@ class LogitDistillLoss(torch.nn.Module):
             temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
             reduction=self.reduction, num_items=num_items, vocab_size=self.vocab_size,
             teacher_topk=teacher_topk,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}"
         )
