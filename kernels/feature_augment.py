@@ -23,14 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from sokd.augment_ops import (
-    AFFINE_OPS,
-    CHANNEL_DROP,
-    CHANNEL_SHUFFLE,
-    CUTOUT,
-    NOISE,
-    affine_matrix,
-)
+from sokd import augment_ops
 from sokd.reference.common import accumulation_dtype
 
 from ._common import accumulator_type, num_warps_for, on_device
@@ -39,10 +32,10 @@ NO_OP = -1
 # One row of op parameters: the mapped magnitude v, then the 2 x 3 affine theta.
 _PARAMS_PER_OP = tl.constexpr(7)
 
-_CUTOUT = tl.constexpr(CUTOUT)
-_NOISE = tl.constexpr(NOISE)
-_SHUFFLE = tl.constexpr(CHANNEL_SHUFFLE)
-_DROP = tl.constexpr(CHANNEL_DROP)
+_CUTOUT = tl.constexpr(augment_ops.CUTOUT)
+_NOISE = tl.constexpr(augment_ops.NOISE)
+_SHUFFLE = tl.constexpr(augment_ops.CHANNEL_SHUFFLE)
+_DROP = tl.constexpr(augment_ops.CHANNEL_DROP)
 
 
 @triton.jit
@@ -63,16 +56,20 @@ def _source_point(params_ptr, y, x, height, width, ACC_TYPE: tl.constexpr):
 
 
 @triton.jit
-def _bilinear_tap(source_y, source_x, corner: tl.constexpr):
-    """Corner `corner` (0..3, row-major) of the bilinear stencil around a source point: its
-    integer position and its weight."""
+def _bilinear_tap(point, corner: tl.constexpr, ok, height, width):
+    """Corner `corner` (0..3, row-major) of the bilinear stencil around a source point (y, x):
+    its integer position, its weight, and whether it lies in the map (where `ok`)."""
+    source_y, source_x = point
     top = tl.floor(source_y)
     left = tl.floor(source_x)
     below = source_y - top
     right = source_x - left
     weight_y = below if corner // 2 == 1 else 1 - below
     weight_x = right if corner % 2 == 1 else 1 - right
-    return top.to(tl.int32) + corner // 2, left.to(tl.int32) + corner % 2, weight_y * weight_x
+    tap_y = top.to(tl.int32) + corner // 2
+    tap_x = left.to(tl.int32) + corner % 2
+    inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
+    return tap_y, tap_x, weight_y * weight_x, inside
 
 
 @triton.jit
@@ -88,98 +85,23 @@ def _in_cutout(draw_ptr, value, image, y, x, height, width):
 
 
 @triton.jit
-def _first_op(
-    x_ptr,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    image,
-    channel,
-    y,
-    x,
-    ok,
-    channels,
-    height,
-    width,
-    params_ptr,
-    draw_ptr,
-    seed,
-    OP: tl.constexpr,
-    AFFINE: tl.constexpr,
-    ACC_TYPE: tl.constexpr,
-):
-    """The first op's output at (image, channel, y, x); 0 where `ok` is false (outside the map)."""
-    base = x_ptr + image * stride_n
-    if AFFINE:
-        source_y, source_x = _source_point(params_ptr, y, x, height, width, ACC_TYPE)
-        value = tl.zeros(y.shape, ACC_TYPE)
-        for corner in tl.static_range(4):
-            tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
-            inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
-            tap = tl.load(
-                base
-                + channel * stride_c
-                + tap_y.to(tl.int64) * stride_h
-                + tap_x.to(tl.int64) * stride_w,
-                mask=inside,
-                other=0,
-            ).to(ACC_TYPE)
-            value += weight * tap
-    else:
-        value = _pointwise_first_op(
-            base,
-            stride_c,
-            stride_h,
-            stride_w,
-            image,
-            channel,
-            y,
-            x,
-            ok,
-            channels,
-            height,
-            width,
-            params_ptr,
-            draw_ptr,
-            seed,
-            OP,
-            ACC_TYPE,
-        )
-    return value
+def _source_channel(op, image, channel, ok, channels, OP: tl.constexpr):
+    """The channel of its input that output `channel` of an op reads: another for a shuffle."""
+    _, draw_ptr, _ = op
+    if OP == _SHUFFLE:
+        channel = tl.load(draw_ptr + image * channels + channel, mask=ok, other=0).to(tl.int64)
+    return channel
 
 
 @triton.jit
-def _pointwise_first_op(
-    base,
-    stride_c,
-    stride_h,
-    stride_w,
-    image,
-    channel,
-    y,
-    x,
-    ok,
-    channels,
-    height,
-    width,
-    params_ptr,
-    draw_ptr,
-    seed,
-    OP: tl.constexpr,
-    ACC_TYPE: tl.constexpr,
+def _pointwise(
+    value, op, image, channel, y, x, ok, sizes, OP: tl.constexpr, ACC_TYPE: tl.constexpr
 ):
-    """The first op's output when it reads a single input element (every op but affine)."""
-    source_channel = channel
-    if OP == _SHUFFLE:
-        source_channel = tl.load(draw_ptr + image * channels + channel, mask=ok, other=0).to(
-            tl.int64
-        )
-    value = tl.load(
-        base + source_channel * stride_c + y.to(tl.int64) * stride_h + x.to(tl.int64) * stride_w,
-        mask=ok,
-        other=0,
-    ).to(ACC_TYPE)
+    """Output (image, channel, y, x) of a cutout, noise or channel drop from `value`, its input
+    there (any other op passes `value` on); 0 where `ok` is false. `op` is (parameter row,
+    draw, noise seed) and `sizes` (channels, height, width)."""
+    params_ptr, draw_ptr, seed = op
+    channels, height, width = sizes
     if OP == _CUTOUT:
         magnitude = tl.load(params_ptr)
         value = tl.where(_in_cutout(draw_ptr, magnitude, image, y, x, height, width), 0.0, value)
@@ -191,6 +113,43 @@ def _pointwise_first_op(
         magnitude = tl.load(params_ptr)
         uniform = tl.load(draw_ptr + image * channels + channel, mask=ok, other=1.0)
         value = tl.where(uniform < magnitude, 0.0, value)
+    return value
+
+
+@triton.jit
+def _read(source, image, channel, y, x, ok, ACC_TYPE: tl.constexpr):
+    """The input map at (image, channel, y, x) in the accumulation type; 0 where `ok` is false.
+    `source` is the map's (pointer, stride_n, stride_c, stride_h, stride_w)."""
+    x_ptr, stride_n, stride_c, stride_h, stride_w = source
+    return tl.load(
+        x_ptr
+        + image * stride_n
+        + channel * stride_c
+        + y.to(tl.int64) * stride_h
+        + x.to(tl.int64) * stride_w,
+        mask=ok,
+        other=0,
+    ).to(ACC_TYPE)
+
+
+@triton.jit
+def _first_op(
+    source, image, channel, y, x, ok, sizes, op, OP: tl.constexpr, AFFINE: tl.constexpr,
+    ACC_TYPE: tl.constexpr,
+):
+    """The first op's output at (image, channel, y, x) of the map `source` (see _read); 0
+    where `ok` is false (outside the map)."""
+    _, height, width = sizes
+    if AFFINE:
+        point = _source_point(op[0], y, x, height, width, ACC_TYPE)
+        value = tl.zeros(y.shape, ACC_TYPE)
+        for corner in tl.static_range(4):
+            tap_y, tap_x, weight, inside = _bilinear_tap(point, corner, ok, height, width)
+            value += weight * _read(source, image, channel, tap_y, tap_x, inside, ACC_TYPE)
+    else:
+        source_channel = _source_channel(op, image, channel, ok, sizes[0], OP)
+        value = _read(source, image, source_channel, y, x, ok, ACC_TYPE)
+        value = _pointwise(value, op, image, channel, y, x, ok, sizes, OP, ACC_TYPE)
     return value
 
 
@@ -225,74 +184,23 @@ def _feature_augment_kernel(
     # Channels stay 64-bit: they scale the channel stride, and C * H * W may pass 2^31.
     channel = (flat // (width * height)) % channels
     image = flat // (width * height * channels)
-    params_b = params_ptr + _PARAMS_PER_OP
+    source = (x_ptr, stride_n, stride_c, stride_h, stride_w)
+    sizes = (channels, height, width)
+    op_a = (params_ptr, draw_a_ptr, seed_a)
+    op_b = (params_ptr + _PARAMS_PER_OP, draw_b_ptr, seed_b)
     if AFFINE_B:
-        source_y, source_x = _source_point(params_b, y, x, height, width, ACC_TYPE)
+        point = _source_point(op_b[0], y, x, height, width, ACC_TYPE)
         result = tl.zeros((BLOCK,), ACC_TYPE)
         for corner in tl.static_range(4):
-            tap_y, tap_x, weight = _bilinear_tap(source_y, source_x, corner)
-            inside = ok & (tap_y >= 0) & (tap_y < height) & (tap_x >= 0) & (tap_x < width)
-            tap = _first_op(
-                x_ptr,
-                stride_n,
-                stride_c,
-                stride_h,
-                stride_w,
-                image,
-                channel,
-                tap_y,
-                tap_x,
-                inside,
-                channels,
-                height,
-                width,
-                params_ptr,
-                draw_a_ptr,
-                seed_a,
-                OP_A,
-                AFFINE_A,
-                ACC_TYPE,
-            )
+            tap_y, tap_x, weight, inside = _bilinear_tap(point, corner, ok, height, width)
+            tap = _first_op(source, image, channel, tap_y, tap_x, inside, sizes, op_a, OP_A,
+                            AFFINE_A, ACC_TYPE)
             result += weight * tap
     else:
-        source_channel = channel
-        if OP_B == _SHUFFLE:
-            source_channel = tl.load(draw_b_ptr + image * channels + channel, mask=ok, other=0).to(
-                tl.int64
-            )
-        result = _first_op(
-            x_ptr,
-            stride_n,
-            stride_c,
-            stride_h,
-            stride_w,
-            image,
-            source_channel,
-            y,
-            x,
-            ok,
-            channels,
-            height,
-            width,
-            params_ptr,
-            draw_a_ptr,
-            seed_a,
-            OP_A,
-            AFFINE_A,
-            ACC_TYPE,
-        )
-        if OP_B == _CUTOUT:
-            magnitude = tl.load(params_b)
-            result = tl.where(
-                _in_cutout(draw_b_ptr, magnitude, image, y, x, height, width), 0.0, result
-            )
-        if OP_B == _NOISE:
-            magnitude = tl.load(params_b).to(ACC_TYPE)
-            result = result + magnitude * tl.randn(seed_b, flat).to(ACC_TYPE)
-        if OP_B == _DROP:
-            magnitude = tl.load(params_b)
-            uniform = tl.load(draw_b_ptr + image * channels + channel, mask=ok, other=1.0)
-            result = tl.where(uniform < magnitude, 0.0, result)
+        source_channel = _source_channel(op_b, image, channel, ok, channels, OP_B)
+        result = _first_op(source, image, source_channel, y, x, ok, sizes, op_a, OP_A, AFFINE_A,
+                           ACC_TYPE)
+        result = _pointwise(result, op_b, image, channel, y, x, ok, sizes, OP_B, ACC_TYPE)
     tl.store(out_ptr + flat, result.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -300,7 +208,8 @@ def augment_block(op_a, op_b, numel):
     """Elements per program. Two affine ops keep 16 bilinear taps and their weights live per
     element; 256 elements over 4 warps (2 per thread) keep them in registers, where 1024
     would spill. One affine op or none: 1024."""
-    largest = 256 if op_a in AFFINE_OPS and op_b in AFFINE_OPS else 1024
+    affine = augment_ops.AFFINE_OPS
+    largest = 256 if op_a in affine and op_b in affine else 1024
     return min(largest, triton.next_power_of_2(numel))
 
 
@@ -325,8 +234,8 @@ def _augment_pair(x, op_a, op_b, params, draw_a, draw_b, seed_a, seed_b, out_dty
             *x.stride(),
             OP_A=op_a,
             OP_B=op_b,
-            AFFINE_A=op_a in AFFINE_OPS,
-            AFFINE_B=op_b in AFFINE_OPS,
+            AFFINE_A=op_a in augment_ops.AFFINE_OPS,
+            AFFINE_B=op_b in augment_ops.AFFINE_OPS,
             ACC_TYPE=accumulator_type(x.dtype),
             BLOCK=block,
             num_warps=num_warps_for(block),
@@ -336,7 +245,10 @@ def _augment_pair(x, op_a, op_b, params, draw_a, draw_b, seed_a, seed_b, out_dty
 
 def _op_parameters(op, value):
     """The kernel's parameter row of one op: v, then theta (zeros for non-affine ops)."""
-    theta = affine_matrix(op, value).reshape(6) if op in AFFINE_OPS else value.new_zeros(6)
+    if op in augment_ops.AFFINE_OPS:
+        theta = augment_ops.affine_matrix(op, value).reshape(6)
+    else:
+        theta = value.new_zeros(6)
     return torch.cat((value.reshape(1), theta))
 
 
@@ -351,7 +263,9 @@ def feature_augment(x, op_ids, values, draws, noise_seeds):
         pair = list(op_ids[start : start + 2])
         pair_draws = list(draws[start : start + 2])
         rows = [_op_parameters(op, value) for op, value in zip(pair, values[start : start + 2])]
-        seeds = [seed if op == NOISE else 0 for op, seed in zip(pair, noise_seeds[start:])]
+        seeds = [
+            seed if op == augment_ops.NOISE else 0 for op, seed in zip(pair, noise_seeds[start:])
+        ]
         if len(pair) == 1:
             pair.append(NO_OP)
             pair_draws.append(None)

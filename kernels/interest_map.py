@@ -40,6 +40,14 @@ def _next_in_order(values, index, eligible, prev_value, prev_index):
 
 
 @triton.jit
+def _image_block(blocks, BLOCK: tl.constexpr):
+    """(program, its image, its BLOCK offsets within the image), all 64-bit. The grid has one
+    dimension, images x blocks: the second and third are limited to 65535."""
+    program = tl.program_id(0).to(tl.int64)
+    return program, program // blocks, (program % blocks) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _candidates_kernel(
     heat_ptr,
     value_ptr,
@@ -58,12 +66,8 @@ def _candidates_kernel(
     ACC_TYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # One grid dimension (images x chunks): the second and third are limited to 65535.
-    program = tl.program_id(0).to(tl.int64)
-    image = program // chunks
-    chunk = program % chunks
     # 64-bit: heat_channels x H x W of one image may pass 2^31.
-    flat = chunk * BLOCK + tl.arange(0, BLOCK)
+    program, image, flat = _image_block(chunks, BLOCK)
     plane = height * width
     in_map = flat // plane < channels
     channel = flat // plane
@@ -176,10 +180,7 @@ def _count_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_BOXES: tl.constexpr,
 ):
-    # One grid dimension (images x position blocks), as in _candidates_kernel.
-    program = tl.program_id(0).to(tl.int64)
-    image = program // position_blocks
-    position = (program % position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    _, image, position = _image_block(position_blocks, BLOCK_P)
     in_map = position < height * width
     y = (position // width)[:, None]
     x = (position % width)[:, None]
@@ -221,6 +222,11 @@ def launch_plan(images, channels, height, width, k):
     }
 
 
+def _block(size):
+    """A kernel's BLOCK and the warps that suit it."""
+    return {"BLOCK": size, "num_warps": num_warps_for(size)}
+
+
 def interest_map(heat, wh, offset, k, kernel):
     """The sokd::interest_map schema: (count map (N x H x W float32), boxes (N x k x 4
     int64), scores (N x k, heat's dtype))."""
@@ -249,8 +255,7 @@ def interest_map(heat, wh, offset, k, kernel):
             min(radius, width - 1),
             chunks,
             ACC_TYPE=acc_type,
-            BLOCK=plan["chunk"],
-            num_warps=num_warps_for(plan["chunk"]),
+            **_block(plan["chunk"]),
         )
         wrap_triton(_decode_kernel)[plan["decode_grid"]](
             candidate_values,
@@ -266,8 +271,7 @@ def interest_map(heat, wh, offset, k, kernel):
             *wh.stride(),
             *offset.stride(),
             ACC_TYPE=acc_type,
-            BLOCK=plan["candidate_block"],
-            num_warps=num_warps_for(plan["candidate_block"]),
+            **_block(plan["candidate_block"]),
         )
         wrap_triton(_count_kernel)[plan["count_grid"]](
             boxes,

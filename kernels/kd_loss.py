@@ -17,38 +17,27 @@ float64.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from sokd.reference.common import accumulation_dtype
-
-from ._common import (
-    accumulator_type,
-    gradient_like,
-    image_rows,
-    launch_strides,
-    num_warps_for,
-    on_device,
-    per_row,
-    reciprocal_or_zero,
-    row_alignment,
-    row_tile,
-)
+from ._common import launch_strides, num_warps_for, on_device, per_row, reciprocal_or_zero
 from ._online_softmax import log_sum_exp, merge_chunk
+from ._row_tiles import RowLaunch, load_logits, multiple_of, program_rows, row_starts, store_tile
 
 
 @triton.jit
-def _load_scaled(rows_ptr, classes_index, stride_k, valid, row_ok, temperature, ACC_TYPE):
-    """A (rows x classes) tile divided by T, with -inf outside the row."""
-    # 64-bit: the classes of a dense map lie H*W apart, and K*H*W may pass 2^31.
-    values = tl.load(
-        rows_ptr + classes_index.to(tl.int64)[None, :] * stride_k,
-        mask=row_ok[:, None] & valid,
-        other=0,
+def _fold_chunk(statistics, a, b, valid):
+    """Fold a tile into (max_s, sum_s, max_t, sum_t, cross): the online softmax statistics of
+    both networks and cross, the sum over classes of exp(t - max_t) * (t - s), the
+    teacher-weighted log-ratio, rescaled as max_t moves."""
+    max_s, sum_s, max_t, sum_t, cross = statistics
+    max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
+    max_t, sum_t, rescale_t, shift_t = merge_chunk(max_t, sum_t, b)
+    cross = cross * rescale_t + tl.sum(
+        tl.where(valid, tl.exp(b - shift_t[:, None]) * (b - a), 0.0), axis=1
     )
-    return tl.where(valid, values.to(ACC_TYPE) / temperature, float("-inf"))
+    return max_s, sum_s, max_t, sum_t, cross
 
 
 @triton.jit
@@ -82,57 +71,28 @@ def _kd_kernel(
     SINGLE_CHUNK: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
 ):
-    if ROW_ALIGN > 1:
-        # Row starts and the row length are multiples of ROW_ALIGN (see row_alignment). Said
-        # as arithmetic that the compiler's alignment analysis follows (exact for such
-        # values), the loads along a row become 16 bytes wide with uniform masks whatever K is.
-        classes = classes // ROW_ALIGN * ROW_ALIGN
-        student_stride_r = student_stride_r // ROW_ALIGN * ROW_ALIGN
-        teacher_stride_r = teacher_stride_r // ROW_ALIGN * ROW_ALIGN
-        grad_stride_r = grad_stride_r // ROW_ALIGN * ROW_ALIGN
-    block = tl.program_id(0)
-    image = (block // row_blocks).to(tl.int64)
-    row = (block % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = row < rows
+    classes = multiple_of(classes, ROW_ALIGN)
+    image, row64, row_ok = program_rows(row_blocks, rows, BLOCK_R)
     chunk = tl.arange(0, BLOCK_K)
-    # 64-bit row offsets: N x K logits with a large vocabulary pass 2^31 elements.
-    row64 = row.to(tl.int64)
-    row_offset = row64[:, None]
-    student_rows = student_ptr + image * student_stride_n + row_offset * student_stride_r
-    teacher_rows = teacher_ptr + image * teacher_stride_n + row_offset * teacher_stride_r
+    logits = (
+        row_starts(student_ptr, image, row64, student_stride_n, student_stride_r, ROW_ALIGN),
+        row_starts(teacher_ptr, image, row64, teacher_stride_n, teacher_stride_r, ROW_ALIGN),
+    )
+    strides_k = (student_stride_k, teacher_stride_k)
 
-    max_s = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
-    max_t = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
-    sum_s = tl.zeros((BLOCK_R,), ACC_TYPE)
-    sum_t = tl.zeros((BLOCK_R,), ACC_TYPE)
-    # sum over classes of exp(t - max_t) * (t - s): the teacher-weighted log-ratio.
-    cross = tl.zeros((BLOCK_R,), ACC_TYPE)
+    no_max = tl.full((BLOCK_R,), float("-inf"), ACC_TYPE)
+    no_sum = tl.zeros((BLOCK_R,), ACC_TYPE)
+    statistics = (no_max, no_sum, no_max, no_sum, no_sum)
     if SINGLE_CHUNK:
-        valid = (chunk < classes)[None, :]
-        a = _load_scaled(
-            student_rows, chunk, student_stride_k, valid, row_ok, temperature, ACC_TYPE
-        )
-        b = _load_scaled(
-            teacher_rows, chunk, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE
-        )
-        max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
-        max_t, sum_t, _, shift_t = merge_chunk(max_t, sum_t, b)
-        cross = tl.sum(tl.where(valid, tl.exp(b - shift_t[:, None]) * (b - a), 0.0), axis=1)
+        a, b, valid = load_logits(logits, strides_k, chunk, classes, row_ok, temperature, ACC_TYPE)
+        statistics = _fold_chunk(statistics, a, b, valid)
     else:
         for start in range(0, classes, BLOCK_K):
-            index = start + chunk
-            valid = (index < classes)[None, :]
-            a = _load_scaled(
-                student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE
+            a, b, valid = load_logits(
+                logits, strides_k, start + chunk, classes, row_ok, temperature, ACC_TYPE
             )
-            b = _load_scaled(
-                teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE
-            )
-            max_s, sum_s, _, _ = merge_chunk(max_s, sum_s, a)
-            max_t, sum_t, rescale_t, shift_t = merge_chunk(max_t, sum_t, b)
-            cross = cross * rescale_t + tl.sum(
-                tl.where(valid, tl.exp(b - shift_t[:, None]) * (b - a), 0.0), axis=1
-            )
+            statistics = _fold_chunk(statistics, a, b, valid)
+    max_s, sum_s, max_t, sum_t, cross = statistics
     lse_s = log_sum_exp(max_s, sum_s)
     lse_t = log_sum_exp(max_t, sum_t)
     kl = cross / sum_t + lse_s - lse_t
@@ -150,76 +110,35 @@ def _kd_kernel(
 
     if COMPUTE_GRAD:
         factor = (weight * (temperature * tl.load(scale_ptr).to(ACC_TYPE)))[:, None]
-        grad_rows = grad_ptr + image * grad_stride_n + row_offset * grad_stride_r
+        grad_rows = row_starts(grad_ptr, image, row64, grad_stride_n, grad_stride_r, ROW_ALIGN)
         if SINGLE_CHUNK:
             grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
-            tl.store(
-                grad_rows + chunk.to(tl.int64)[None, :] * grad_stride_k,
-                grad.to(grad_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & valid,
-            )
+            store_tile(grad_rows, chunk, grad_stride_k, grad, valid, row_ok)
         else:
             for start in range(0, classes, BLOCK_K):
                 index = start + chunk
-                valid = (index < classes)[None, :]
-                a = _load_scaled(
-                    student_rows, index, student_stride_k, valid, row_ok, temperature, ACC_TYPE
-                )
-                b = _load_scaled(
-                    teacher_rows, index, teacher_stride_k, valid, row_ok, temperature, ACC_TYPE
+                a, b, valid = load_logits(
+                    logits, strides_k, index, classes, row_ok, temperature, ACC_TYPE
                 )
                 grad = (tl.exp(a - lse_s[:, None]) - tl.exp(b - lse_t[:, None])) * factor
-                tl.store(
-                    grad_rows + index.to(tl.int64)[None, :] * grad_stride_k,
-                    grad.to(grad_ptr.dtype.element_ty),
-                    mask=row_ok[:, None] & valid,
-                )
+                store_tile(grad_rows, index, grad_stride_k, grad, valid, row_ok)
 
 
 def kd_loss(student_logits, teacher_logits, temperature, weight, with_grad):
     """The sokd::kd_loss schema: (loss, d loss / d student_logits), the gradient normalised,
     contiguous and in the accumulation dtype, or empty when with_grad is false."""
-    student_rows = image_rows(student_logits)
-    teacher_rows = image_rows(teacher_logits)
-    images, classes, rows = student_rows.shape
-    weight_rows = per_row(weight, student_logits.dim()) if weight is not None else None
-    grad = gradient_like(student_logits, with_grad)
-    grad_rows = image_rows(grad) if with_grad else grad
-
-    block_r, block_k = row_tile(classes, rows)
-    row_blocks = triton.cdiv(rows, block_r)
-    programs = images * row_blocks
-    acc_dtype = accumulation_dtype(student_logits.dtype)
+    launch = RowLaunch.plan(student_logits, teacher_logits, with_grad)
     if weight is not None:
-        scale = reciprocal_or_zero(weight.sum(dtype=acc_dtype))
+        weight_rows = per_row(weight, student_logits.dim())
+        weight_strides = launch_strides(weight_rows)
+        scale = reciprocal_or_zero(weight.sum(dtype=launch.partials.dtype))
     else:
-        scale = torch.full(
-            (), 1.0 / (images * rows), dtype=acc_dtype, device=student_logits.device
-        )
-    partials = student_logits.new_empty(programs, dtype=acc_dtype)
+        weight_rows, weight_strides, scale = None, (0, 0), launch.mean_scale()
     with on_device(student_logits):
-        wrap_triton(_kd_kernel)[(programs,)](
-            student_rows,
-            teacher_rows,
-            weight_rows,
-            scale,
-            grad_rows,
-            partials,
-            classes,
-            rows,
-            row_blocks,
-            *launch_strides(student_rows),
-            *launch_strides(teacher_rows),
-            *(launch_strides(weight_rows) if weight is not None else (0, 0)),
-            *(launch_strides(grad_rows) if with_grad else (0, 0, 0)),
+        wrap_triton(_kd_kernel)[launch.grid](
+            *launch.arguments(weight_rows, weight_strides, scale),
             temperature,
             HAS_WEIGHT=weight is not None,
-            COMPUTE_GRAD=with_grad,
-            ACC_TYPE=accumulator_type(student_logits.dtype),
-            BLOCK_R=block_r,
-            BLOCK_K=block_k,
-            SINGLE_CHUNK=classes <= block_k,
-            ROW_ALIGN=row_alignment(classes, student_rows, teacher_rows, grad_rows),
-            num_warps=num_warps_for(block_r * block_k),
+            **launch.options(num_warps_for),
         )
-    return partials.sum() * scale, grad
+    return launch.result(scale)
