@@ -520,10 +520,11 @@ def test_compile_traces_sokd_loss_without_graph_break():
     torch.testing.assert_close(total, eager)
 
 
-def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python():
+def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python(tmp_path):
     """Without the Triton interpreter the CPU key keeps the C++ kernels (no Python per call);
     the CUDA key holds the router of sokd/native.py. The choice is made at import, so it is
-    checked in a fresh process."""
+    checked in a fresh process, started outside the checkout so that it imports the installed
+    package rather than ./sokd."""
     script = (
         "import torch, sokd.native\n"
         "for op in sokd.native.OPS:\n"
@@ -532,7 +533,12 @@ def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python():
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     tables = dict(line.split("|", 1) for line in result.stdout.splitlines())
     assert set(tables) == set(OPS)
