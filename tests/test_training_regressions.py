@@ -346,12 +346,17 @@ def test_jit_trace_without_grad_still_backpropagates(target, name):
         x = randn(*shape, seed=8, device=target.device).requires_grad_()
         loss = traced(x)
     loss.backward()
+    _assert_matches_reference(loss_fn, x, loss, f"{name} traced")
+
+
+def _assert_matches_reference(loss_fn, x, loss, label):
+    """`loss` and the gradient it left in x.grad against loss_fn on the reference backend."""
     with using("reference"):
         reference_x = x.detach().clone().requires_grad_()
         expected = loss_fn(reference_x)
         expected.backward()
-    assert_matches(loss, expected, f"{name} traced loss")
-    assert_matches(x.grad, reference_x.grad, f"{name} traced gradient")
+    assert_matches(loss, expected, f"{label} loss")
+    assert_matches(x.grad, reference_x.grad, f"{label} gradient")
 
 
 # --- torch.compile ---------------------------------------------------------------------------
@@ -393,12 +398,7 @@ def test_compiled_loss_backward_with_a_smaller_last_batch(target, name):
             x = randn(n, *full_shape[1:], seed=n, device=target.device).requires_grad_()
             loss = compiled(x)
             loss.backward()
-            with using("reference"):
-                reference_x = x.detach().clone().requires_grad_()
-                expected = loss_fn(reference_x)
-                expected.backward()
-            assert_matches(loss, expected, f"{name} n={n}")
-            assert_matches(x.grad, reference_x.grad, f"{name} grad n={n}")
+            _assert_matches_reference(loss_fn, x, loss, f"{name} n={n}")
 
 
 @pytest.mark.slow
