@@ -1,9 +1,9 @@
 """Builds the sokd package and, when torch is importable at build time, the sokd._C extension.
 
-The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/*.cpp). It gets the CUDA
-sources (csrc/cuda/*.cu) when torch is a CUDA build, nvcc is found and torch sees a GPU;
-SOKD_CUDA=0 or SOKD_CUDA=1 forces either way (SOKD_CUDA=1 builds them without a GPU, as CI
-does to keep every .cu file compiling). The build runs MAX_JOBS compile jobs at once, by
+The extension always gets the CPU and device-generic sources (csrc/*.cpp, csrc/composite/*.cpp,
+csrc/cpu/*.cpp). It gets the CUDA sources (csrc/cuda/*.cu) when torch is a CUDA build, nvcc is
+found and torch sees a GPU; SOKD_CUDA=0 or SOKD_CUDA=1 forces either way (SOKD_CUDA=1 builds
+them without a GPU, as CI does to keep every .cu file compiling). The build runs MAX_JOBS compile jobs at once, by
 default one per core.
 """
 
@@ -98,7 +98,9 @@ def _extensions():
               "(the reference and Triton backends still work)", file=sys.stderr)
         return [], {}
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = sorted(
+        glob.glob("csrc/*.cpp") + glob.glob("csrc/composite/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+    )
     if not cpu_sources:
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))

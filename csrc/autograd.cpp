@@ -15,7 +15,11 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
-#include <initializer_list>
+#include "fused_linear_distill_loss.h"
+#include "logit_distill_loss.h"
+
+#include <algorithm>
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -40,26 +44,37 @@ bool holds_plain_value(const Tensor& tensor) {
   return !tensor.key_set().has_any(traced) && !c10::impl::dispatch_mode_enabled();
 }
 
+// The inputs that receive a gradient and whether the kernel computed it, kept for backward.
+// A second backward must reach the inputs to raise (see first_order_only). They are kept as
+// plain references, not saved variables, so an in-place change of an input after forward
+// stays allowed, as it is for the reference, whose gradient does not read the inputs either.
+void keep_inputs(AutogradContext* ctx, std::vector<Tensor> differentiable, bool with_grad) {
+  ctx->saved_data["inputs"] = std::move(differentiable);
+  ctx->saved_data["with_grad"] = with_grad;
+}
+
+// The inputs kept by keep_inputs. They are needed by a second backward only, so a graph that
+// is freed now drops them.
+std::vector<Tensor> take_inputs(AutogradContext* ctx) {
+  std::vector<Tensor> inputs = ctx->saved_data.at("inputs").toTensorVector();
+  if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("inputs");
+  return inputs;
+}
+
 // Runs a loss kernel below autograd, saves its gradient for backward and hands that out
 // through `grad_out`. The gradient is an output of the op but not of the autograd function,
 // so it has no derivative without mark_non_differentiable, which compiled autograd rejects.
-// `differentiable` are the inputs that receive a gradient: a second backward must reach
-// them to raise (see scaled_saved_grad). They are kept as plain references, not saved
-// variables, so an in-place change of an input after forward stays allowed, as it is for
-// the reference, whose gradient does not read the inputs either.
 template <typename Kernel>
-variable_list run_fused_loss(AutogradContext* ctx, Tensor* grad_out,
-                             std::initializer_list<Tensor> differentiable, Kernel&& kernel) {
-  {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, grad] = kernel();
-    ctx->save_for_backward({grad});
-    // The caller gets a view of its own, so the tensor saved here is never exposed and the
-    // storage's reference count tells whether anyone else still holds the gradient.
-    *grad_out = grad.defined() ? grad.alias() : grad;
-    ctx->saved_data["inputs"] = std::vector<Tensor>(differentiable);
-    return {loss};
-  }
+variable_list run_fused_loss(AutogradContext* ctx, Tensor* grad_out, bool with_grad,
+                             std::vector<Tensor> differentiable, Kernel&& kernel) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto [loss, grad] = kernel();
+  ctx->save_for_backward({grad});
+  // The caller gets a view of its own, so the tensor saved here is never exposed and the
+  // storage's reference count tells whether anyone else still holds the gradient.
+  *grad_out = grad.defined() ? grad.alias() : grad;
+  keep_inputs(ctx, std::move(differentiable), with_grad);
+  return {loss};
 }
 
 // Whether `grad` may be handed to the caller as it is: the graph is freed after this backward
@@ -72,58 +87,77 @@ bool can_hand_over(const Tensor& grad) {
 }
 
 // grad * grad_loss, rounded once to the input's dtype: the kernels save the gradient in the
-// accumulation dtype (float32 for 16-bit inputs).
+// accumulation dtype (float32 for 16-bit inputs), or in the input's dtype where it is as large
+// as the logits of a language model. A grad_loss of one value per row (reduction "none")
+// scales each row of `grad`.
 Tensor scaled(const Tensor& grad, const Tensor& grad_loss, c10::ScalarType input_dtype) {
-  Tensor product = grad * grad_loss.to(grad.scalar_type());
+  // loss.backward() seeds 1, so the saved gradient is the answer itself. Handing it over
+  // spares a full read and write and, on the CPU, the page faults of a fresh tensor. On a
+  // GPU, reading the seed would cost a sync.
+  if (grad.is_cpu() && grad.scalar_type() == input_dtype && holds_plain_value(grad_loss) &&
+      grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0 && can_hand_over(grad)) {
+    return grad;
+  }
+  const Tensor factor = grad_loss.dim() == 0 ? grad_loss : grad_loss.unsqueeze(-1);
+  Tensor product = grad * factor.to(grad.scalar_type());
   return product.scalar_type() == input_dtype ? product : product.to(input_dtype);
+}
+
+// `grads`, a first derivative. Under create_graph=True they come back through a node that
+// raises on a second backward: the kernels save the first derivative only, so a further
+// derivative would silently miss every second-order term (like torch.autograd.function's
+// once_differentiable). The node takes the inputs as well, so that a second derivative with
+// respect to them passes through it and raises, instead of finding them unused.
+variable_list first_order_only(variable_list grads, const std::vector<Tensor>& inputs,
+                               bool create_graph, const char* op) {
+  if (!create_graph) return grads;
+  variable_list error_inputs;
+  std::vector<size_t> defined;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!grads[i].defined()) continue;
+    defined.push_back(i);
+    error_inputs.push_back(grads[i].detach().requires_grad_(true));
+  }
+  for (const Tensor& input : inputs) {
+    if (input.defined() && input.requires_grad()) error_inputs.push_back(input);
+  }
+  const std::string message = std::string(op) +
+                              " is differentiable once: its fused kernel saves the first "
+                              "derivative only. Use the reference backend for higher-order "
+                              "gradients.";
+  variable_list passed = torch::autograd::DelayedError(message,
+                                                       static_cast<int>(error_inputs.size()))
+                             .apply(std::move(error_inputs));
+  for (size_t k = 0; k < defined.size(); ++k) grads[defined[k]] = passed[k];
+  return grads;
+}
+
+// The gradients saved by forward, each scaled by grad_loss; undefined where not `needed`.
+// The first kept input (the student) fixes the dtype of the gradients.
+variable_list scaled_saved_grads(AutogradContext* ctx, const Tensor& grad_loss,
+                                 const std::vector<bool>& needed, const char* op) {
+  variable_list grads(needed.size());
+  if (std::none_of(needed.begin(), needed.end(), [](bool n) { return n; })) return grads;
+  TORCH_CHECK(ctx->saved_data.at("with_grad").toBool(), op,
+              " ran with with_grad=False, so it saved no gradient to backpropagate; call it "
+              "with with_grad=True when its inputs need gradients");
+  const std::vector<Tensor> inputs = take_inputs(ctx);
+  const c10::ScalarType input_dtype = inputs.front().scalar_type();
+  const variable_list saved = ctx->get_saved_variables();
+  const bool create_graph = at::GradMode::is_enabled();
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < needed.size(); ++i) {
+      if (needed[i]) grads[i] = scaled(saved[i], grad_loss, input_dtype);
+    }
+  }
+  return first_order_only(std::move(grads), inputs, create_graph, op);
 }
 
 // d loss / d student from the saved gradient, or an undefined tensor when it is not `needed`.
 Tensor scaled_saved_grad(AutogradContext* ctx, const Tensor& grad_loss, bool needed,
                          const char* op) {
-  if (!needed) return {};
-  Tensor grad = ctx->get_saved_variables()[0];
-  // The inputs are needed by a second backward only; a graph that is freed now drops them.
-  const std::vector<Tensor> inputs = ctx->saved_data.at("inputs").toTensorVector();
-  // The student comes first; it fixes the dtype of the gradients.
-  const c10::ScalarType input_dtype = inputs.front().scalar_type();
-  if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("inputs");
-  // with_grad=False saves a 1-D empty tensor; a real gradient has the logits' or features'
-  // 2 or 4 dimensions. The rank is known under tracing, where sizes may be symbolic.
-  TORCH_CHECK(grad.dim() != 1, op,
-              " ran with with_grad=False, so it saved no gradient to backpropagate; call it "
-              "with with_grad=True when its inputs need gradients");
-  if (at::GradMode::is_enabled()) {
-    // create_graph=True. The kernels save the first derivative only, so this gradient would
-    // silently miss every second-order term: like torch.autograd.function's
-    // once_differentiable, it comes back through a node that raises on a second backward.
-    Tensor first_order;
-    {
-      at::NoGradGuard no_grad;
-      first_order = scaled(grad, grad_loss, input_dtype);
-    }
-    first_order.requires_grad_(true);
-    const std::string message = std::string(op) +
-                                " is differentiable once: its fused kernel saves the first "
-                                "derivative only. Use the reference backend for higher-order "
-                                "gradients.";
-    // The error node takes the inputs as well, so that a second derivative with respect to
-    // them passes through it and raises, instead of finding them unused.
-    variable_list error_inputs{first_order};
-    for (const Tensor& input : inputs) {
-      if (input.requires_grad()) error_inputs.push_back(input);
-    }
-    return torch::autograd::DelayedError(message, static_cast<int>(error_inputs.size()))
-        .apply(std::move(error_inputs))[0];
-  }
-  // loss.backward() seeds 1, so the saved gradient is the answer itself. Handing it over
-  // spares a full read and write and, on the CPU, the page faults of a fresh tensor. On a
-  // GPU, reading the seed would cost a sync.
-  if (grad.is_cpu() && grad.scalar_type() == input_dtype && holds_plain_value(grad_loss) &&
-      grad_loss.item<double>() == 1.0 && can_hand_over(grad)) {
-    return grad;
-  }
-  return scaled(grad, grad_loss, input_dtype);
+  return scaled_saved_grads(ctx, grad_loss, {needed}, op)[0];
 }
 
 template <typename Schema>
@@ -139,7 +173,7 @@ struct MaskedFeatureLoss : torch::autograd::Function<MaskedFeatureLoss> {
                                const Tensor& teacher, const std::optional<Tensor>& mask,
                                bool normalize_by_mask, bool with_grad, Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::masked_feature_loss");
-    return run_fused_loss(ctx, grad_out, {student, teacher}, [&] {
+    return run_fused_loss(ctx, grad_out, with_grad, {student, teacher}, [&] {
       return op.call(student, teacher, mask, normalize_by_mask, with_grad);
     });
   }
@@ -163,7 +197,7 @@ struct KdLoss : torch::autograd::Function<KdLoss> {
                                const std::optional<Tensor>& weight, bool with_grad,
                                Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::kd_loss");
-    return run_fused_loss(ctx, grad_out, {student}, [&] {
+    return run_fused_loss(ctx, grad_out, with_grad, {student}, [&] {
       return op.call(student, teacher, temperature, weight, with_grad);
     });
   }
@@ -183,7 +217,7 @@ struct DecoupledKdLoss : torch::autograd::Function<DecoupledKdLoss> {
                                double beta, double temperature, bool with_grad,
                                Tensor* grad_out) {
     static const auto op = loss_op<Schema>("sokd::decoupled_kd_loss");
-    return run_fused_loss(ctx, grad_out, {student}, [&] {
+    return run_fused_loss(ctx, grad_out, with_grad, {student}, [&] {
       return op.call(student, teacher, class_mask, alpha, beta, temperature, with_grad);
     });
   }
@@ -194,6 +228,144 @@ struct DecoupledKdLoss : torch::autograd::Function<DecoupledKdLoss> {
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
+
+struct LogitDistillLoss : torch::autograd::Function<LogitDistillLoss> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& student_logits,
+                               const std::optional<Tensor>& teacher_logits,
+                               const std::optional<Tensor>& teacher_logprobs,
+                               const std::optional<Tensor>& teacher_indices,
+                               const std::optional<Tensor>& labels, c10::string_view divergence,
+                               double beta, double temperature, int64_t ignore_index,
+                               c10::string_view reduction,
+                               const std::optional<Tensor>& num_items, c10::SymInt vocab_size,
+                               bool with_grad, Tensor* grad_out) {
+    return run_fused_loss(ctx, grad_out, with_grad, {student_logits}, [&] {
+      return sokd::logit_distill_loss(student_logits, teacher_logits, teacher_logprobs,
+                                      teacher_indices, labels, divergence, beta, temperature,
+                                      ignore_index, reduction, num_items, vocab_size, with_grad);
+    });
+  }
+
+  // For reduction "none" grad_outputs[0] holds one value per row, which scales that row.
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(14);
+    grads[0] = scaled_saved_grad(ctx, grad_outputs[0], ctx->needs_input_grad(0),
+                                 "sokd::logit_distill_loss");
+    return grads;
+  }
+};
+
+// Gradients reach the student's hidden states, weight and bias (inputs 0, 1 and 4).
+constexpr size_t kFusedLinearDifferentiable[] = {0, 1, 4};
+
+struct FusedLinearDistillLoss : torch::autograd::Function<FusedLinearDistillLoss> {
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& student_hidden, const Tensor& student_weight,
+      const Tensor& teacher_hidden, const Tensor& teacher_weight,
+      const std::optional<Tensor>& student_bias, const std::optional<Tensor>& teacher_bias,
+      const std::optional<Tensor>& labels, const std::optional<Tensor>& row_scale,
+      c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
+      c10::string_view reduction, const std::optional<Tensor>& num_items, c10::SymInt vocab_size,
+      int64_t chunk_size, bool with_grad, std::array<Tensor, 3>* grads_out) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, grad_hidden, grad_weight, grad_bias] = fused_linear_distill_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, labels, row_scale, divergence, beta, temperature, ignore_index, reduction,
+        num_items, vocab_size, chunk_size, with_grad);
+    const Tensor bias = student_bias.value_or(Tensor());
+    if (reduction == "none") {
+      // Each row's loss has its own grad_output, known only in backward, which reruns the
+      // chunks with it (as row_scale) instead of keeping an N x V gradient.
+      ctx->save_for_backward({student_hidden, student_weight, teacher_hidden, teacher_weight,
+                              bias, teacher_bias.value_or(Tensor()), labels.value_or(Tensor()),
+                              num_items.value_or(Tensor())});
+      ctx->saved_data["options"] = c10::ivalue::Tuple::create(
+          {std::string(divergence), beta, temperature, ignore_index, std::move(vocab_size),
+           chunk_size});
+      keep_inputs(ctx, {student_hidden, student_weight, bias}, true);
+    } else {
+      ctx->save_for_backward({grad_hidden, grad_weight, grad_bias});
+      keep_inputs(ctx, {student_hidden, student_weight, bias}, with_grad);
+    }
+    *grads_out = {grad_hidden.defined() ? grad_hidden.alias() : grad_hidden,
+                  grad_weight.defined() ? grad_weight.alias() : grad_weight,
+                  grad_bias.defined() ? grad_bias.alias() : grad_bias};
+    return {loss};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const char* const op = "sokd::fused_linear_distill_loss";
+    std::vector<bool> needed;
+    for (size_t input : kFusedLinearDifferentiable) needed.push_back(ctx->needs_input_grad(input));
+    variable_list grads = ctx->saved_data.count("options") == 0
+                              ? scaled_saved_grads(ctx, grad_outputs[0], needed, op)
+                              : rerun_with_row_scale(ctx, grad_outputs[0], needed, op);
+    variable_list result(18);
+    for (size_t k = 0; k < needed.size(); ++k) result[kFusedLinearDifferentiable[k]] = grads[k];
+    return result;
+  }
+
+  // The gradients of reduction "none": the chunks again, each row's logit gradient scaled by
+  // its grad_output.
+  static variable_list rerun_with_row_scale(AutogradContext* ctx, const Tensor& grad_loss,
+                                            const std::vector<bool>& needed, const char* op) {
+    if (std::none_of(needed.begin(), needed.end(), [](bool n) { return n; })) {
+      return variable_list(needed.size());
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    auto optional = [](const Tensor& tensor) {
+      return tensor.defined() ? std::optional<Tensor>(tensor) : std::nullopt;
+    };
+    const auto options = ctx->saved_data.at("options").toTuple()->elements();
+    const std::vector<Tensor> inputs = take_inputs(ctx);
+    const bool create_graph = at::GradMode::is_enabled();
+    variable_list grads;
+    {
+      at::NoGradGuard no_grad;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [loss, grad_hidden, grad_weight, grad_bias] = fused_linear_distill_loss(
+          saved[0], saved[1], saved[2], saved[3], optional(saved[4]), optional(saved[5]),
+          optional(saved[6]), grad_loss, options[0].toStringRef(), options[1].toDouble(),
+          options[2].toDouble(), options[3].toInt(), "none", optional(saved[7]),
+          options[4].toSymInt(), options[5].toInt(), /*with_grad=*/true);
+      grads = {grad_hidden, grad_weight, saved[4].defined() ? grad_bias : Tensor()};
+    }
+    for (size_t k = 0; k < needed.size(); ++k) {
+      if (!needed[k]) grads[k] = Tensor();
+    }
+    return first_order_only(std::move(grads), inputs, create_graph, op);
+  }
+};
+
+std::tuple<Tensor, Tensor> logit_distill_loss_autograd(
+    const Tensor& student_logits, const std::optional<Tensor>& teacher_logits,
+    const std::optional<Tensor>& teacher_logprobs, const std::optional<Tensor>& teacher_indices,
+    const std::optional<Tensor>& labels, c10::string_view divergence, double beta,
+    double temperature, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<Tensor>& num_items, c10::SymInt vocab_size, bool with_grad) {
+  Tensor grad;
+  Tensor loss = LogitDistillLoss::apply(student_logits, teacher_logits, teacher_logprobs,
+                                        teacher_indices, labels, divergence, beta, temperature,
+                                        ignore_index, reduction, num_items, std::move(vocab_size),
+                                        with_grad, &grad)[0];
+  return {loss, grad};
+}
+
+FusedLinearOutputs fused_linear_distill_loss_autograd(
+    const Tensor& student_hidden, const Tensor& student_weight, const Tensor& teacher_hidden,
+    const Tensor& teacher_weight, const std::optional<Tensor>& student_bias,
+    const std::optional<Tensor>& teacher_bias, const std::optional<Tensor>& labels,
+    const std::optional<Tensor>& row_scale, c10::string_view divergence, double beta,
+    double temperature, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<Tensor>& num_items, c10::SymInt vocab_size, int64_t chunk_size,
+    bool with_grad) {
+  std::array<Tensor, 3> grads;
+  Tensor loss = FusedLinearDistillLoss::apply(
+      student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+      labels, row_scale, divergence, beta, temperature, ignore_index, reduction, num_items,
+      std::move(vocab_size), chunk_size, with_grad, &grads)[0];
+  return {loss, grads[0], grads[1], grads[2]};
+}
 
 LossAndGrad masked_feature_loss(const Tensor& student, const Tensor& teacher,
                                 const std::optional<Tensor>& mask, bool normalize_by_mask,
@@ -227,4 +399,6 @@ TORCH_LIBRARY_IMPL(sokd, Autograd, m) {
   m.impl("masked_feature_loss", &sokd::masked_feature_loss);
   m.impl("kd_loss", &sokd::kd_loss);
   m.impl("decoupled_kd_loss", &sokd::decoupled_kd_loss);
+  m.impl("logit_distill_loss", &sokd::logit_distill_loss_autograd);
+  m.impl("fused_linear_distill_loss", &sokd::fused_linear_distill_loss_autograd);
 }

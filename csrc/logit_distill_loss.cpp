@@ -1,13 +1,16 @@
-// Schema of sokd::logit_distill_loss (docs/algorithm.md §7). The CPU kernel registers in
-// csrc/cpu/logit_distill_loss_kernel.cpp; the CUDA impl (Triton), the fake and the autograd
-// are registered from Python in sokd/_ops/logit_distill_loss.py.
+// Schema of sokd::logit_distill_loss (docs/algorithm.md §7). The CPU kernel is
+// csrc/cpu/logit_distill_loss_kernel.cpp and the CUDA kernel the Triton launcher
+// kernels/logit_distill_loss.py (there is no CUDA C++ kernel); the autograd is in
+// csrc/autograd.cpp, the fake in sokd/native.py.
 //
 // Rows are 2-D: student_logits N x Vs, and either teacher_logits N x Vt or the top-k teacher
 // (teacher_logprobs float32/float64 N x k, teacher_indices int64 N x k). Both logits are cut to
 // their first vocab_size columns. Returns (loss, grad): loss is a scalar for reduction "mean"
 // and "sum" and N row values for "none"; grad is d loss / d student_logits for "mean" and
 // "sum", and d row_loss / d student_logits for "none", in student_logits' dtype and shape
-// (zero beyond vocab_size and on ignored rows). With with_grad=false grad is empty.
+// (zero beyond vocab_size and on ignored rows): unlike the other losses, whose gradient is in
+// the accumulation dtype, an N x V gradient of 16-bit logits stays 16-bit, as large as the
+// logits and no larger. With with_grad=false grad is empty.
 
 // The C++ entry is header-only; included here so that every build compiles it.
 #include "logit_distill_loss.h"

@@ -13,6 +13,7 @@ from .decoupled_kd_loss import decoupled_kd_loss
 from .feature_augment import feature_augment
 from .interest_map import interest_map
 from .kd_loss import kd_loss
+from .logit_distill_loss import logit_distill_loss
 from .masked_feature_loss import masked_feature_loss
 
 LAUNCHERS = {
@@ -20,6 +21,7 @@ LAUNCHERS = {
     "feature_augment": feature_augment,
     "interest_map": interest_map,
     "kd_loss": kd_loss,
+    "logit_distill_loss": logit_distill_loss,
     "masked_feature_loss": masked_feature_loss,
 }
 
@@ -29,5 +31,6 @@ __all__ = [
     "feature_augment",
     "interest_map",
     "kd_loss",
+    "logit_distill_loss",
     "masked_feature_loss",
 ]

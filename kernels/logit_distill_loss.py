@@ -260,7 +260,6 @@ def logit_distill_loss(
     teacher_logprobs: torch.Tensor | None,
     teacher_indices: torch.Tensor | None,
     labels: torch.Tensor | None,
-    *,
     divergence: str,
     beta: float,
     temperature: float,

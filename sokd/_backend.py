@@ -1,22 +1,27 @@
 """Backend registry and dispatch.
 
-A backend is a module that provides these five functions. They receive inputs that already
-passed `sokd.ops` validation:
+A backend is a module that provides the functions named in OPS, each with the signature of
+the reference's (sokd/reference/<op>.py). They receive inputs that already passed the
+validation of the public functions:
 
     masked_feature_loss(student, teacher, mask, normalize) -> scalar loss
     kd_loss(student, teacher, temperature, weight) -> scalar loss
     decoupled_kd_loss(student, teacher, class_mask, alpha, beta, temperature) -> scalar loss
     interest_map(heat, wh, offset, k, kernel) -> (count_map, boxes, scores)
     feature_augment(x, op_ids, values, draws) -> augmented map (no autograd needed)
+    logit_distill_loss(student_logits, teacher_logits, *, options) -> loss (rows for "none")
+    fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                              student_bias, teacher_bias, *, options) -> loss
 
-Losses are differentiable with respect to the student (and, for masked_feature_loss, the
-teacher). The loss is float32 for half and float32 inputs and float64 for float64 inputs.
+The logit losses take 2-D rows. Losses are differentiable with respect to the student (and,
+for masked_feature_loss, the teacher). The loss is float32 for half and float32 inputs and
+float64 for float64 inputs.
 
-The backends are data: BACKENDS holds one record per backend (the devices it serves, why this
-machine cannot run it, how its module is loaded, where its ops live), and selection reads only
-that table. The cpu, cuda and triton backends share one module, sokd.native, which calls the
-sokd:: ops; they differ in the kernel that runs below the op's autograd, which the op's router
-asks of runs_triton.
+The backends are data: BACKENDS holds one record per backend (the devices it serves, the ops
+it implements, why this machine cannot run it, how its module is loaded, where its ops live),
+and selection reads only that table. The cpu, cuda and triton backends share one module,
+sokd.native, which calls the sokd:: ops; they differ in the kernel that runs below the op's
+autograd, which the op's router asks of runs_triton.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from types import ModuleType
 from typing import Callable
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
-OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map", "feature_augment")
+# The ops of SoKD, and those of language-model distillation (docs/algorithm.md §7).
+SOKD_OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map",
+            "feature_augment")
+LOGIT_OPS = ("logit_distill_loss", "fused_linear_distill_loss")
+OPS = SOKD_OPS + LOGIT_OPS
+# Ops built from other ops: one kernel for every device (csrc/composite/<op>_kernel.cpp).
+COMPOSITE_OPS = ("fused_linear_distill_loss",)
 
 
 def _load_reference() -> ModuleType:
@@ -69,11 +80,14 @@ def _triton_cannot_run() -> str | None:
     return None if reason is None else f"{reason} and TRITON_INTERPRET is not 1"
 
 
-def _native_sources(kernel_file: str) -> tuple[str, ...]:
+def _native_sources(kernel_file: str, ops: tuple[str, ...]) -> tuple[str, ...]:
     """The sokd._C files behind the native ops: each op's schema in csrc/<op>.cpp and its
-    kernel in csrc/<kernel_file> (with {op} for the op's name), the losses' autograd, and the
-    Python side (fakes and the calls into the ops)."""
-    per_op = [(f"csrc/{op}.cpp", "csrc/" + kernel_file.format(op=op)) for op in OPS]
+    kernel in csrc/<kernel_file> (with {op} for the op's name) or csrc/composite/, the losses'
+    autograd, and the Python side (fakes and the calls into the ops)."""
+    def kernel(op: str) -> str:
+        return f"composite/{op}_kernel.cpp" if op in COMPOSITE_OPS else kernel_file.format(op=op)
+
+    per_op = [(f"csrc/{op}.cpp", "csrc/" + kernel(op)) for op in ops]
     return ("sokd/native.py", "csrc/autograd.cpp") + tuple(p for pair in per_op for p in pair)
 
 
@@ -83,6 +97,8 @@ class Backend:
 
     devices: the tensor device types it serves. interpreted_devices: those it serves only
     under TRITON_INTERPRET=1 (the Triton interpreter runs kernels on CPU tensors).
+    ops: the ops it has a kernel for (the CUDA C++ kernels lack the logit losses, which run on
+    GPUs through Triton).
     available(): None when this machine can run it, else the reason (built or not).
     load: imports its module (ImportError when it was not built or installed).
     registered_in: the source files that implement or register its ops.
@@ -94,6 +110,7 @@ class Backend:
     load: Callable[[], ModuleType]
     registered_in: tuple[str, ...]
     interpreted_devices: tuple[str, ...] = ()
+    ops: tuple[str, ...] = OPS
 
     def runs_on(self, device_type: str) -> bool:
         if self.devices is None or device_type in self.devices:
@@ -114,14 +131,15 @@ BACKENDS: dict[str, Backend] = {
         devices=("cpu",),
         available=lambda: None,
         load=lambda: _load_native("cpu"),
-        registered_in=_native_sources("cpu/{op}_kernel.cpp"),
+        registered_in=_native_sources("cpu/{op}_kernel.cpp", OPS),
     ),
     "cuda": Backend(
         name="cuda",
         devices=("cuda",),
         available=_gpu_missing,
         load=lambda: _load_native("cuda"),
-        registered_in=_native_sources("cuda/{op}_kernel.cu"),
+        registered_in=_native_sources("cuda/{op}_kernel.cu", SOKD_OPS),
+        ops=SOKD_OPS,
     ),
     "triton": Backend(
         name="triton",
@@ -135,8 +153,11 @@ BACKENDS: dict[str, Backend] = {
 
 # For CUDA tensors under "auto": the first available backend in each op's list wins. The order
 # is not measured: no GPU has yet timed the CUDA kernels against the Triton ones, so it is a
-# default, not a finding.
-AUTO_ORDER = {"cpu": ("cpu",), "cuda": {op: ("triton", "cuda") for op in OPS}}
+# default, not a finding. The logit losses have only the Triton kernel on a GPU.
+AUTO_ORDER = {
+    "cpu": ("cpu",),
+    "cuda": {op: ("triton", "cuda") for op in SOKD_OPS} | {op: ("triton",) for op in LOGIT_OPS},
+}
 
 _selected: str | None = None
 # Loaded backend modules by name (None when unusable), and why they are unusable. No lock: the
@@ -181,7 +202,7 @@ def _load(name: str) -> ModuleType | None:
         _load_errors[name] = f"{name} could not be loaded ({error})"
         module = None
     if module is not None:
-        missing = [op for op in OPS if not hasattr(module, op)]
+        missing = [op for op in BACKENDS[name].ops if not hasattr(module, op)]
         if missing:
             _load_errors[name] = f"{module.__name__} does not provide {', '.join(missing)}"
             module = None
@@ -264,6 +285,12 @@ def runs_triton(op, device) -> bool:
 def resolve(op, device):
     """The backend module that runs `op` for tensors on `device`."""
     name = get_backend()
+    if name != "auto" and op not in BACKENDS[name].ops:
+        having = ", ".join(n for n, b in BACKENDS.items() if op in b.ops)
+        raise ValueError(
+            f"backend {name!r} has no {op} kernel (backends with one: {having}); choose "
+            "another backend with sokd.set_backend"
+        )
     if name == "auto":
         choice = _auto_choice(op, device)
         if choice is not None:
@@ -281,3 +308,15 @@ def resolve(op, device):
     if module is None:
         raise RuntimeError(f"backend {name!r} is not available: {_load_errors[name]}")
     return module
+
+
+def backend_for(op, device):
+    """The backend module that runs `op`. Under torch.func transforms (grad, vmap, jacrev,
+    ...) that is always the reference: the kernel backends run as fused autograd functions,
+    which functorch cannot transform, and the reference computes the same values in plain
+    PyTorch ops, which it can (to any order)."""
+    import torch
+
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _load("reference")
+    return resolve(op, device)

@@ -8,8 +8,10 @@ the autograd, the device kernel is either the C++ one (csrc/cpu, csrc/cuda) or t
 launcher of the same name (kernels/<op>.py). At the CUDA key a router picks one per call from
 the backend selection (sokd._backend.runs_triton). The CPU key keeps the C++ kernel alone, with
 no Python per call, except under TRITON_INTERPRET=1, where the interpreter runs Triton on CPU
-tensors and the router sits at the CPU key too. The fake (meta) kernels registered here let
-torch.compile trace every op without a graph break.
+tensors and the router sits at the CPU key too. A composite op (fused_linear_distill_loss) has
+one C++ kernel for every device (csrc/composite/), made of other sokd:: ops, whose routers
+choose. The fake (meta) kernels registered here let torch.compile trace every op without a
+graph break.
 """
 
 import os
@@ -17,7 +19,7 @@ import os
 import torch
 
 from . import _C  # loading the library registers torch.ops.sokd.*
-from ._backend import OPS, runs_triton
+from ._backend import COMPOSITE_OPS, OPS, runs_triton
 from .augment_ops import AFFINE_OPS
 from .reference.common import accumulation_dtype
 
@@ -49,16 +51,23 @@ def _fake_loss_outputs(student, with_grad):
     return loss, grad
 
 
+# The ops with a kernel per device (a Triton launcher and C++ kernels), between which a router
+# chooses. The composite ops run other sokd:: ops, whose routers choose.
+KERNEL_OPS = tuple(op for op in OPS if op not in COMPOSITE_OPS)
+
 # Holds the routers' registrations for the life of the process.
 _routers = torch.library.Library("sokd", "IMPL")
 
 
 def _register_router(op, device_type):
     """Makes the `device_type` kernel of sokd::<op> a router between the Triton launcher and
-    the C++ kernel registered there (None when the extension lacks that device)."""
+    the C++ kernel registered there (None when the extension has none: a build without CUDA,
+    or an op whose only GPU kernel is Triton's)."""
     key = device_type.upper()
+    name = f"sokd::{op}"
     native_kernel = (
-        torch.library.get_kernel(f"sokd::{op}", key) if device_type in supported_devices() else None
+        torch.library.get_kernel(name, key)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, key) else None
     )
 
     def route(keyset, *args):
@@ -68,7 +77,8 @@ def _register_router(op, device_type):
             return kernels.LAUNCHERS[op](*args)
         if native_kernel is None:
             raise RuntimeError(
-                f"sokd._C was built without {device_type} kernels, so sokd::{op} runs on "
+                f"sokd._C has no C++ {device_type} kernel of sokd::{op} (the extension was "
+                f"built without {device_type} kernels, or the op has none), so it runs on "
                 f"{device_type} tensors only with the triton backend (sokd.set_backend)"
             )
         return native_kernel.call_boxed(keyset, *args)
@@ -76,7 +86,7 @@ def _register_router(op, device_type):
     _routers.impl(op, route, key, with_keyset=True)
 
 
-for _op in OPS:
+for _op in KERNEL_OPS:
     _register_router(_op, "cuda")
     if os.environ.get("TRITON_INTERPRET") == "1":
         _register_router(_op, "cpu")
@@ -97,6 +107,34 @@ def _decoupled_kd_loss_fake(
     student_logits, teacher_logits, class_mask, alpha, beta, temperature, with_grad
 ):
     return _fake_loss_outputs(student_logits, with_grad)
+
+
+@torch.library.register_fake("sokd::logit_distill_loss")
+def _logit_distill_loss_fake(
+    student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels, divergence,
+    beta, temperature, ignore_index, reduction, num_items, vocab_size, with_grad,
+):
+    """The N x V gradient keeps the logits' dtype (csrc/logit_distill_loss.cpp)."""
+    rows = (student_logits.shape[0],) if reduction == "none" else ()
+    loss = student_logits.new_empty(rows, dtype=accumulation_dtype(student_logits.dtype))
+    grad = student_logits.new_empty(student_logits.shape if with_grad else (0,))
+    return loss, grad
+
+
+@torch.library.register_fake("sokd::fused_linear_distill_loss")
+def _fused_linear_distill_loss_fake(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+    labels, row_scale, divergence, beta, temperature, ignore_index, reduction, num_items,
+    vocab_size, chunk_size, with_grad,
+):
+    rows = (student_hidden.shape[0],) if reduction == "none" else ()
+    loss = student_hidden.new_empty(rows, dtype=accumulation_dtype(student_hidden.dtype))
+    if not with_grad:
+        return loss, *(student_hidden.new_empty(0) for _ in range(3))
+    grad_bias = (
+        student_hidden.new_empty(0) if student_bias is None else torch.empty_like(student_bias)
+    )
+    return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), grad_bias
 
 
 @torch.library.register_fake("sokd::interest_map")
@@ -142,6 +180,36 @@ def decoupled_kd_loss(student, teacher, class_mask, alpha, beta, temperature):
 
 def interest_map(heat, wh, offset, k, kernel):
     return tuple(_ops.interest_map(heat, wh, offset, k, kernel))
+
+
+def logit_distill_loss(
+    student_logits, teacher_logits=None, *, divergence, beta, temperature, labels, ignore_index,
+    reduction, num_items, vocab_size, teacher_topk,
+):
+    logprobs, indices = (None, None) if teacher_topk is None else teacher_topk
+    loss, _ = _ops.logit_distill_loss(
+        student_logits, None if teacher_logits is None else teacher_logits.detach(), logprobs,
+        indices, labels, divergence, beta, temperature, ignore_index, reduction, num_items,
+        vocab_size, _needs_grad(student_logits),
+    )
+    return loss
+
+
+def fused_linear_distill_loss(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+    *, chunk_size, divergence, beta, temperature, labels, ignore_index, reduction, num_items,
+    vocab_size,
+):
+    # "none" keeps no gradient: its backward reruns the chunks with each row's grad_output.
+    student = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
+    with_grad = reduction != "none" and _needs_grad(*student)
+    loss, _, _, _ = _ops.fused_linear_distill_loss(
+        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+        student_bias, None if teacher_bias is None else teacher_bias.detach(), labels, None,
+        divergence, beta, temperature, ignore_index, reduction, num_items, vocab_size,
+        chunk_size, with_grad,
+    )
+    return loss
 
 
 def _passes(op_ids):

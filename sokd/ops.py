@@ -10,8 +10,7 @@ from typing import Literal
 import torch
 
 from . import _validation as check
-from . import reference
-from ._backend import resolve
+from ._backend import backend_for
 from ._ops.fused_linear_distill_loss import FusedLinearDistillLoss, fused_linear_distill_loss
 from ._ops.logit_distill_loss import LogitDistillLoss, logit_distill_loss
 from .augment_ops import NUM_PRIMITIVES, draw_randomness, op_values
@@ -24,16 +23,6 @@ TEMPERATURE_RANGE = (1e-2, 1e3)
 # The largest max-pool window of interest_map. A window of 2*max(H, W) - 1 already covers the
 # whole map from every position, so larger kernels change nothing but the work.
 MAX_KERNEL = 4095
-
-
-def _backend(op, device):
-    """The backend module that runs `op`. Under torch.func transforms (grad, vmap, jacrev,
-    ...) that is always the reference: the kernel backends run as fused autograd functions,
-    which functorch cannot transform, and the reference computes the same values in plain
-    PyTorch ops, which it can (to any order)."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return reference
-    return resolve(op, device)
 
 
 def masked_feature_loss(
@@ -76,7 +65,7 @@ def masked_feature_loss(
             # whose largest entry is 1. NaN and inf entries still make the loss NaN.
             peak = mask.abs().amax()
             mask = mask / torch.where(peak > 0, peak, 1)
-    backend = _backend("masked_feature_loss", student.device)
+    backend = backend_for("masked_feature_loss", student.device)
     return backend.masked_feature_loss(student, teacher, mask, normalize)
 
 
@@ -129,7 +118,7 @@ def kd_loss(
     if weight is not None:
         # NaN passes on purpose: like every NaN input it makes the loss NaN.
         check.holds(~(weight < 0), "weight must hold non-negative row weights")
-    backend = _backend("kd_loss", student_logits.device)
+    backend = backend_for("kd_loss", student_logits.device)
     return backend.kd_loss(student_logits, teacher_logits.detach(), temperature, weight)
 
 
@@ -161,7 +150,7 @@ def decoupled_kd_loss(
     if check_finite:
         check.finite(student_logits, "student_logits")
         check.finite(teacher_logits, "teacher_logits")
-    backend = _backend("decoupled_kd_loss", student_logits.device)
+    backend = backend_for("decoupled_kd_loss", student_logits.device)
     return backend.decoupled_kd_loss(
         student_logits, teacher_logits.detach(), class_mask, alpha, beta, temperature
     )
@@ -264,7 +253,7 @@ def interest_map(
     # From every position, a window of 2*max(H, W) - 1 already covers the whole map, so a
     # larger one finds the same peaks: no backend is asked for more window than the map has.
     kernel = min(kernel, 2 * max(height, width) - 1)
-    backend = _backend("interest_map", heat.device)
+    backend = backend_for("interest_map", heat.device)
     return backend.interest_map(heat, wh, offset, k, kernel)
 
 
@@ -343,6 +332,6 @@ def feature_augment(
         check.finite(magnitudes, "magnitudes")
     if not op_ids:
         return x.detach().clone()
-    augment = _backend("feature_augment", x.device).feature_augment
+    augment = backend_for("feature_augment", x.device).feature_augment
     draws = draw_randomness(op_ids, x.shape, x.device, generator)
     return _StraightThroughAugment.apply(x.detach(), magnitudes, op_ids, draws, augment)

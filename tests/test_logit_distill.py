@@ -12,7 +12,7 @@ import torch
 
 import sokd
 from sokd.ops import fused_linear_distill_loss, logit_distill_loss
-import sokd.reference.logit_distill_loss as reference
+from sokd import reference
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 native = pytest.mark.skipif(
@@ -360,6 +360,95 @@ def test_triton_launcher_rows_of_length_one():
         assert abs(loss.item()) < 1e-6 and grad.abs().max().item() < 1e-6
 
 
+# --- the Triton kernel through the public functions (the same op and autograd) -----------
+
+
+@pytest.fixture
+def counted_triton_launches(monkeypatch):
+    """Runs the Triton backend (interpreter on CPU tensors) with small vocabulary blocks and
+    counts the launches of the logit kernel, so that a test knows the launcher ran below the
+    op rather than the C++ CPU kernel."""
+    kernels = pytest.importorskip("sokd.kernels")
+    if "triton" not in sokd.available_backends() or "cpu" not in sokd.available_backends():
+        pytest.skip("the Triton backend runs on CPU tensors only through sokd._C's router")
+    launcher_module = pytest.importorskip("sokd.kernels.logit_distill_loss")
+    monkeypatch.setattr(launcher_module, "MAX_BLOCK_V", 8)
+    launcher = kernels.LAUNCHERS["logit_distill_loss"]
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return launcher(*args)
+
+    monkeypatch.setitem(kernels.LAUNCHERS, "logit_distill_loss", counted)
+    return calls
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+def test_triton_backend_matches_reference(divergence, reduction, counted_triton_launches):
+    student, teacher, _ = _case(rows=4, vocab=21)
+    labels = torch.tensor([1, -100, 2, 3])
+    options = dict(divergence=divergence, temperature=2.0, labels=labels, reduction=reduction,
+                   vocab_size=19)
+    got = _loss_and_grad("triton", student, teacher, **options)
+    assert len(counted_triton_launches) == 1
+    want = _loss_and_grad("reference", student, teacher, **options)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_triton_backend_fused_linear_matches_unfused(reduction, counted_triton_launches):
+    """The composite op runs one row kernel launch per chunk; for "none" backward reruns the
+    chunks with each row's grad_output."""
+    tensors = _linear_case(teacher_vocab=26)
+    fused, fused_grads, unfused, unfused_grads = _fused_and_unfused(
+        "triton", tensors, chunk_size=4, divergence="jsd", reduction=reduction, vocab_size=23,
+    )
+    assert len(counted_triton_launches) == (6 if reduction == "none" else 3)
+    torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=2e-5)
+    for got, want in zip(fused_grads, unfused_grads):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# --- torch.func and second derivatives ------------------------------------------------------
+
+
+@native
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_torch_func_grad_and_vmap_match_the_reference(divergence):
+    """Under torch.func every backend computes with the reference's PyTorch ops, as for the
+    other sokd ops, so grad and vmap work and equal the reference's eager gradient."""
+    student, teacher, _ = _case(rows=3, vocab=11)
+    sokd.set_backend("cpu")
+
+    def loss_fn(logits, teacher_logits):
+        return logit_distill_loss(logits, teacher_logits, divergence=divergence)
+
+    grad = torch.func.grad(loss_fn)(student, teacher)
+    per_row = torch.func.vmap(torch.func.grad(loss_fn))(student[:, None], teacher[:, None])
+    want = _loss_and_grad("reference", student, teacher, divergence=divergence)[1]
+    torch.testing.assert_close(grad, want)
+    rows = torch.stack([_loss_and_grad("reference", student[i:i + 1], teacher[i:i + 1],
+                                       divergence=divergence)[1] for i in range(3)])
+    torch.testing.assert_close(per_row, rows)
+
+
+@native
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_fused_linear_is_differentiable_once(reduction):
+    tensors = {k: v.clone().requires_grad_(k.startswith("student"))
+               for k, v in _linear_case(rows=5).items()}
+    sokd.set_backend("cpu")
+    loss = fused_linear_distill_loss(**tensors, chunk_size=2, reduction=reduction)
+    grads = torch.autograd.grad(loss.sum(), (tensors["student_hidden"], tensors["student_weight"]),
+                                create_graph=True)
+    for grad in grads:
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(grad.sum(), tensors["student_bias"], retain_graph=True)
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
@@ -409,13 +498,16 @@ def test_fused_linear_bad_input_names_the_argument():
         fused_linear_distill_loss(h, w, h, torch.randn(12, 6))
 
 
-def test_named_backends_that_cannot_run_raise():
+def test_named_backends_that_cannot_run_raise(monkeypatch):
     s, t, _ = _case(rows=2)
     sokd.set_backend("cuda")
-    with pytest.raises(ValueError, match="triton"):
+    with pytest.raises(ValueError, match="'cuda' has no logit_distill_loss kernel.*triton"):
         logit_distill_loss(s, t)
+    with pytest.raises(ValueError, match="'cuda' has no fused_linear_distill_loss kernel"):
+        fused_linear_distill_loss(**_linear_case(rows=2))
+    monkeypatch.delenv("TRITON_INTERPRET")
     sokd.set_backend("triton")
-    with pytest.raises(ValueError, match="cuda tensors"):
+    with pytest.raises(ValueError, match="cannot run logit_distill_loss on cpu tensors"):
         logit_distill_loss(s, t)
 
 

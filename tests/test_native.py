@@ -527,7 +527,7 @@ def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python(tmp_path):
     package rather than ./sokd."""
     script = (
         "import torch, sokd.native\n"
-        "for op in sokd.native.OPS:\n"
+        "for op in sokd.native.KERNEL_OPS:\n"
         "    rows = torch._C._dispatch_dump_table(f'sokd::{op}').splitlines()\n"
         "    print(op, *(r for r in rows if r.startswith(('CPU:', 'CUDA:'))), sep='|')\n"
     )
@@ -541,7 +541,7 @@ def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python(tmp_path):
         check=True,
     )
     tables = dict(line.split("|", 1) for line in result.stdout.splitlines())
-    assert set(tables) == set(OPS)
+    assert set(tables) == set(OPS) | {"logit_distill_loss"}
     for op, rows in tables.items():
         cpu, cuda = rows.split("|")
         assert f"csrc/cpu/{op}_kernel.cpp" in cpu, cpu
@@ -550,8 +550,13 @@ def test_ordinary_cpu_calls_reach_the_cpp_kernels_without_python(tmp_path):
 
 def test_every_op_has_a_cpu_kernel_and_a_cuda_router():
     """The CUDA key holds the router between the Triton launcher and the C++ CUDA kernel
-    whether or not the latter was built; supported_devices says whether it was."""
-    for op in OPS:
+    whether or not the latter was built; supported_devices says whether it was. A composite op
+    has one kernel for every device instead."""
+    assert set(native.KERNEL_OPS) == set(OPS) | {"logit_distill_loss"}
+    for op in native.KERNEL_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sokd::{op}", "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sokd::{op}", "CUDA")
+    composite = "sokd::fused_linear_distill_loss"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(composite, "CompositeExplicitAutograd")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(composite, "CPU")
     assert ("cuda" in native.supported_devices()) == bool(_C.WITH_CUDA)

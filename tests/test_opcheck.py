@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sokd
+from sokd import _backend
 from sokd.augment_ops import draw_randomness, op_values
 
 # release_cached_outputs frees the CPU kernels' output cache: no tensor goes in or out, so
@@ -263,8 +264,8 @@ def test_opcheck(name, device, case):
 # selected, the op's router (sokd/native.py) runs them below the one C++ autograd. Without a GPU
 # they run in the Triton interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1, which
 # also puts the router at the CPU key); the samples are small enough that all of them take
-# seconds there. The Triton kernel of logit_distill_loss is the CUDA kernel of
-# torch.ops.sokd.logit_distill_loss, checked by the cuda cells above.
+# seconds there. fused_linear_distill_loss has one kernel for every device, made of matmuls and
+# sokd::logit_distill_loss, so its Triton cells assert that the row op's launcher ran.
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # test_aot_dispatch_dynamic runs the op's kernel on functional tensors. On a GPU, wrap_triton
@@ -280,7 +281,10 @@ TRITON_CHECKS = (
 )
 # The interpreter computes in numpy, which has float16 but no bfloat16.
 TRITON_HALF = torch.float16
-TRITON_OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map", "feature_augment")
+# Each op, and the launcher that must run below it.
+TRITON_OPS = {name: name for name in _backend.OPS if name not in _backend.COMPOSITE_OPS} | {
+    "fused_linear_distill_loss": "logit_distill_loss"
+}
 
 TRITON_PARAMS = [
     pytest.param(name, case, id=f"{name}-{_case_id(case)}")
@@ -299,17 +303,18 @@ def test_opcheck_triton(name, case, monkeypatch):
     from sokd import kernels
 
     launched = []
-    launcher = kernels.LAUNCHERS[name]
+    kernel = TRITON_OPS[name]
+    launcher = kernels.LAUNCHERS[kernel]
 
     def counted(*args):
-        launched.append(name)
+        launched.append(kernel)
         return launcher(*args)
 
-    monkeypatch.setitem(kernels.LAUNCHERS, name, counted)
+    monkeypatch.setitem(kernels.LAUNCHERS, kernel, counted)
     dtype, contiguous, requires_grad = case
     dtype = TRITON_HALF if dtype == "half" else dtype
     op = getattr(torch.ops.sokd, name).default
     sample = _Sample(TRITON_DEVICE, dtype, contiguous, requires_grad)
     sokd.set_backend("triton")  # the conftest fixture restores the previous backend
     torch.library.opcheck(op, _arguments(op, sample), test_utils=TRITON_CHECKS)
-    assert launched, f"torch.ops.sokd.{name} never reached its Triton launcher"
+    assert launched, f"torch.ops.sokd.{name} never reached the Triton launcher of {kernel}"

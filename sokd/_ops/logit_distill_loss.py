@@ -1,10 +1,10 @@
 """sokd.logit_distill_loss: logit distillation for language models (docs/algorithm.md §7).
 
-The op `sokd::logit_distill_loss` has its schema in csrc/logit_distill_loss.cpp and its CPU
-kernel in csrc/cpu/logit_distill_loss_kernel.cpp. This module adds, for every device, its fake
-(for torch.compile), its one autograd (backward scales the gradient the kernel saved in the
-forward pass) and its CUDA impl (the Triton kernel in kernels/logit_distill_loss.py), then the
-typed public function that validates and chooses between the op and the pure-PyTorch reference.
+The typed public function and module: they validate the arguments, then run the backend that
+sokd.set_backend selects (sokd/_backend.py). The op `sokd::logit_distill_loss` has its schema in
+csrc/logit_distill_loss.cpp, its CPU kernel in csrc/cpu/logit_distill_loss_kernel.cpp, its CUDA
+kernel in kernels/logit_distill_loss.py (Triton) and its autograd in csrc/autograd.cpp, like
+every other sokd:: op.
 """
 
 from __future__ import annotations
@@ -16,16 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-import sokd.reference.logit_distill_loss as reference
-
 from .. import _validation as check
-from .._backend import _fallback_to_reference, get_backend
+from .._backend import backend_for
 from ..reference.common import accumulation_dtype
-
-try:
-    from .. import _C
-except ImportError:  # built without the extension: only the reference runs
-    _C = None
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Reduction = Literal["mean", "sum", "none"]
@@ -33,152 +26,6 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 # Top-k log-probabilities above 0 by more than this are an error, not rounding.
 LOGPROB_TOLERANCE = 1e-4
-
-_OP_NAME = "sokd::logit_distill_loss"
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity forward; a backward through it raises. The kernel saves only the first
-    derivative, so a gradient taken with create_graph=True must not be differentiated again."""
-
-    @staticmethod
-    def forward(ctx, gradient: Tensor) -> Tensor:
-        return gradient.view_as(gradient)
-
-    @staticmethod
-    def backward(ctx, _: Tensor) -> Tensor:
-        raise RuntimeError(
-            f"{_OP_NAME} is differentiable once: its fused kernel saves the first derivative "
-            "only. Use the reference backend for higher-order gradients."
-        )
-
-
-def _is_plain_one(grad_loss: Tensor) -> bool:
-    """Whether grad_loss is a CPU value of exactly 1 that may be read (not a traced tensor)."""
-    return (
-        not torch.compiler.is_compiling()
-        and type(grad_loss) is Tensor
-        and grad_loss.device.type == "cpu"
-        and grad_loss.numel() == 1
-        and not torch._C._functorch.is_functorch_wrapped_tensor(grad_loss)
-        and grad_loss.item() == 1.0
-    )
-
-
-def scale_saved_grad(grad: Tensor, grad_loss: Tensor, per_row: bool) -> Tensor:
-    """The saved gradient times grad_output: per row for reduction "none", else a scalar. A
-    loss.backward() seed of 1 returns the saved gradient itself (no pass over it)."""
-    if per_row:
-        scaled = grad * grad_loss.unsqueeze(-1).to(grad.dtype)
-    elif _is_plain_one(grad_loss):
-        scaled = grad
-    else:
-        scaled = grad * grad_loss.to(grad.dtype)
-    return first_order_only(scaled)
-
-
-def first_order_only(grad: Tensor) -> Tensor:
-    """Under create_graph=True, the gradient comes back through a node that raises on a second
-    backward, instead of silently missing every second-order term."""
-    if torch.is_grad_enabled():
-        return _FirstOrderOnly.apply(grad.detach().requires_grad_(True))
-    return grad
-
-
-if _C is not None:
-
-    @torch.library.register_fake(_OP_NAME)
-    def _fake(
-        student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels, divergence,
-        beta, temperature, ignore_index, reduction, num_items, vocab_size, with_grad,
-    ):
-        dtype = accumulation_dtype(student_logits.dtype)
-        rows = (student_logits.shape[0],) if reduction == "none" else ()
-        loss = student_logits.new_empty(rows, dtype=dtype)
-        grad = student_logits.new_empty(student_logits.shape if with_grad else (0,))
-        return loss, grad
-
-    def _setup_context(ctx, inputs, output):
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        # Otherwise autograd hands backward a zero-filled N x V "gradient" of `grad`.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.per_row = inputs[9] == "none"
-        ctx.with_grad = inputs[12]
-
-    def _backward(ctx, grad_loss, _grad_grad):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 13
-        if not ctx.with_grad:
-            raise RuntimeError(
-                f"{_OP_NAME} ran with with_grad=False, so it saved no gradient; call it with "
-                "with_grad=True when student_logits needs a gradient"
-            )
-        (grad,) = ctx.saved_tensors
-        return (scale_saved_grad(grad, grad_loss, ctx.per_row),) + (None,) * 12
-
-    torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
-
-    @torch.library.register_kernel(_OP_NAME, "cuda")
-    def _cuda(
-        student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels, divergence,
-        beta, temperature, ignore_index, reduction, num_items, vocab_size, with_grad,
-    ):
-        from ..kernels.logit_distill_loss import logit_distill_loss as launch
-
-        return launch(
-            student_logits, teacher_logits, teacher_logprobs, teacher_indices, labels,
-            divergence=divergence, beta=beta, temperature=temperature,
-            ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-            vocab_size=vocab_size, with_grad=with_grad,
-        )
-
-
-def _triton_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return f"triton could not be imported ({error})"
-    return None
-
-
-def use_reference(device: torch.device) -> bool:
-    """Whether the selected backend (sokd.set_backend) runs the reference for tensors on
-    `device`; raises when a named backend cannot run there."""
-    name = get_backend()
-    if name == "reference":
-        return True
-    missing_c = None if _C is not None else "sokd._C was not built"
-    if name == "auto":
-        reason = missing_c
-        if reason is None and device.type == "cuda":
-            reason = _triton_missing()
-        elif device.type not in ("cpu", "cuda"):
-            reason = f"no kernel for {device.type} tensors"
-        if reason is not None:
-            _fallback_to_reference(device, reason)
-            return True
-        return False
-    wanted = {"cpu": "cpu", "triton": "cuda"}.get(name)
-    if wanted is None:
-        raise ValueError(
-            f"backend {name!r} has no logit_distill_loss kernel: CUDA tensors run the Triton "
-            "kernel; choose 'triton' or 'auto' with sokd.set_backend"
-        )
-    if device.type != wanted:
-        hint = (
-            " (under TRITON_INTERPRET=1 call sokd.kernels.logit_distill_loss.logit_distill_loss "
-            "directly)" if name == "triton" else ""
-        )
-        raise ValueError(
-            f"backend {name!r} runs logit_distill_loss on {wanted} tensors, got {device.type} "
-            f"tensors{hint}; move the tensors or choose another backend with sokd.set_backend"
-        )
-    reason = missing_c or (_triton_missing() if name == "triton" else None)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    return False
 
 
 def _check_integer_tensor(value: object, name: str, device: torch.device) -> Tensor:
@@ -378,28 +225,11 @@ def logit_distill_loss(
         else _check_topk(teacher_topk, lead, rows, vocab, device, acc_dtype)
     )
 
-    if use_reference(device):
-        return reference.logit_distill_loss(
-            student_logits, teacher_logits, divergence=divergence, beta=beta,
-            temperature=temperature, labels=labels, ignore_index=ignore_index,
-            reduction=reduction, num_items=num_items_tensor, vocab_size=vocab,
-            teacher_topk=teacher_topk,
-        )
-    with_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = torch.ops.sokd.logit_distill_loss(
-        student_logits.reshape(rows, student_vocab),
-        None if teacher_logits is None else teacher_logits.detach().reshape(rows, teacher_vocab),
-        None if topk is None else topk[0],
-        None if topk is None else topk[1],
-        label_rows,
-        divergence,
-        beta,
-        temperature,
-        int(ignore_index),
-        reduction,
-        num_items_tensor,
-        vocab,
-        with_grad,
+    teacher_rows = None if teacher_logits is None else teacher_logits.reshape(rows, teacher_vocab)
+    loss = backend_for("logit_distill_loss", device).logit_distill_loss(
+        student_logits.reshape(rows, student_vocab), teacher_rows, divergence=divergence,
+        beta=beta, temperature=temperature, labels=label_rows, ignore_index=int(ignore_index),
+        reduction=reduction, num_items=num_items_tensor, vocab_size=vocab, teacher_topk=topk,
     )
     return loss.reshape(lead) if reduction == "none" else loss
 
