@@ -255,7 +255,7 @@ struct LogitDistillLoss : torch::autograd::Function<LogitDistillLoss> {
   }
 };
 
-// Gradients reach the student's hidden states, weight and bias (inputs 0, 1 and 4).
+// Gradients reach the student's hidden states, weight and bias (arguments 0, 1 and 4).
 constexpr size_t kFusedLinearDifferentiable[] = {0, 1, 4};
 
 struct FusedLinearDistillLoss : torch::autograd::Function<FusedLinearDistillLoss> {
@@ -273,6 +273,9 @@ struct FusedLinearDistillLoss : torch::autograd::Function<FusedLinearDistillLoss
         teacher_bias, labels, row_scale, divergence, beta, temperature, ignore_index, reduction,
         num_items, vocab_size, chunk_size, with_grad);
     const Tensor bias = student_bias.value_or(Tensor());
+    // needs_input_grad counts the tensors given, so an absent bias has no index; the tensors
+    // before it (hidden states and weights) are always given.
+    ctx->saved_data["has_bias"] = bias.defined();
     if (reduction == "none") {
       // Each row's loss has its own grad_output, known only in backward, which reruns the
       // chunks with it (as row_scale) instead of keeping an N x V gradient.
@@ -295,8 +298,9 @@ struct FusedLinearDistillLoss : torch::autograd::Function<FusedLinearDistillLoss
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static const char* const op = "sokd::fused_linear_distill_loss";
-    std::vector<bool> needed;
-    for (size_t input : kFusedLinearDifferentiable) needed.push_back(ctx->needs_input_grad(input));
+    const std::vector<bool> needed = {
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        ctx->saved_data.at("has_bias").toBool() && ctx->needs_input_grad(4)};
     variable_list grads = ctx->saved_data.count("options") == 0
                               ? scaled_saved_grads(ctx, grad_outputs[0], needed, op)
                               : rerun_with_row_scale(ctx, grad_outputs[0], needed, op);

@@ -58,6 +58,12 @@ def _logits(n, device, seed):
     return _randn((n, 5), seed, device, 2.0)
 
 
+def _labels(n, device, seed):
+    """Class labels of n rows, every third row ignored (-100)."""
+    rows = torch.arange(n, device=device)
+    return torch.where(rows % 3 == 0, -100, (rows + seed) % 5)
+
+
 CASES = {
     "masked_feature_loss": Case(
         lambda s, t, m: ops.masked_feature_loss(s, t, m, "mask"),
@@ -94,6 +100,17 @@ CASES = {
         lambda m, x: ops.feature_augment(x, [ROTATE, TRANSLATE_X], m),
         lambda n, d, k: (torch.tensor([0.3 + 0.1 * k % 0.5, 0.7], device=d),
                          _randn((n, 3, 5, 6), k, d)),
+    ),
+    "logit_distill_loss": Case(
+        lambda s, t, y: ops.logit_distill_loss(s, t, labels=y, divergence="jsd",
+                                               temperature=2.0),
+        lambda n, d, k: (_logits(n, d, k), _logits(n, d, k + 1), _labels(n, d, k)),
+    ),
+    "fused_linear_distill_loss": Case(
+        lambda h, w, th, tw: ops.fused_linear_distill_loss(h, w, th, tw, chunk_size=3,
+                                                           divergence="reverse_kl"),
+        lambda n, d, k: (_randn((n, 4), k, d), _randn((5, 4), k + 1, d),
+                         _randn((n, 3), k + 2, d), _randn((5, 3), k + 3, d)),
     ),
 }
 
