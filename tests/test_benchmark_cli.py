@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sokd
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 TINY_SHAPE = "N=2,C=4,H=4,W=4,K=5"
@@ -335,3 +337,16 @@ def test_compile_contender_matches_the_reference(tmp_path):
     compiled = next(entry for entry in result["contenders"] if entry["name"] == "compile")
     assert compiled["status"] == "ok", compiled
     assert compiled["speedup_vs_compile"] == 1.0
+
+
+@pytest.mark.skipif("cpu" not in sokd.available_backends(), reason="sokd._C was not built")
+def test_router_overhead_compares_the_two_cpu_keys():
+    """The router benchmark runs the op with and without the router at the CPU key and prints
+    one row per call kind (its timings are not asserted)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "router_overhead.py"), "--rows", "2",
+         "--classes", "5", "--calls", "20", "--rounds", "1"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| forward")]
+    assert [row.split("|")[1].strip() for row in rows] == ["forward", "forward + backward"]
