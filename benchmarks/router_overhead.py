@@ -17,6 +17,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+
+import sokd
 
 MEASURE = """
 import json, sys, time, torch, sokd
@@ -52,14 +55,20 @@ print(json.dumps(result))
 
 
 def _measure(interpreted: bool, rows: int, classes: int, calls: int, rounds: int) -> dict:
+    """Timings from a fresh process that imports the sokd this one imports (not a ./sokd
+    source folder without the extension, which a process started in the checkout would)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     if interpreted:
         env["TRITON_INTERPRET"] = "1"
-    output = subprocess.run(
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sokd.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    child = subprocess.run(
         [sys.executable, "-c", MEASURE, str(rows), str(classes), str(calls), str(rounds)],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
+        env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True,
+    )
+    if child.returncode != 0:
+        raise SystemExit(f"the timing process failed:\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
