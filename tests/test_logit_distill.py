@@ -638,6 +638,40 @@ def test_fused_linear_compile_fullgraph_dynamic_matches_eager():
 
 
 @native
+@pytest.mark.slow
+def test_compile_reduction_none_with_per_row_grad_output():
+    """Under torch.compile the C++ autograd scales each row of the row op's saved gradient, and
+    the fused op reruns its chunks in backward, with each row's own grad_output."""
+    sokd.set_backend("cpu")
+
+    def rows(student, teacher, seed):
+        return (logit_distill_loss(student, teacher, reduction="none", divergence="jsd")
+                * seed).sum()
+
+    def fused(hidden, weight, teacher_hidden, teacher_weight, seed):
+        return (fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight,
+                                          chunk_size=3, reduction="none") * seed).sum()
+
+    compiled_rows = torch.compile(rows, fullgraph=True, dynamic=True)
+    compiled_fused = torch.compile(fused, fullgraph=True, dynamic=True)
+    for count in (7, 5):
+        student, teacher, generator = _case(rows=count, vocab=11, seed=count)
+        seed = torch.randn(count, generator=generator)
+        tensors = _linear_case(rows=count, seed=count, bias=False)
+        for eager, compiled, leaves, others in (
+            (rows, compiled_rows, [student], [teacher]),
+            (fused, compiled_fused, [tensors["student_hidden"], tensors["student_weight"]],
+             [tensors["teacher_hidden"], tensors["teacher_weight"]]),
+        ):
+            grads = []
+            for fn in (eager, compiled):
+                params = [leaf.clone().requires_grad_(True) for leaf in leaves]
+                fn(*params, *others, seed).backward()
+                grads.append([param.grad for param in params])
+            torch.testing.assert_close(grads[1], grads[0])
+
+
+@native
 def test_fused_linear_bf16_matches_reference_backend():
     tensors = {k: v.to(torch.bfloat16) for k, v in _linear_case(rows=6).items()}
     results = []
