@@ -1,7 +1,8 @@
 // The sokd operator library and the module init of sokd._C. Each op has its schema in
 // csrc/<op>.cpp (a TORCH_LIBRARY_FRAGMENT), its CPU kernel in csrc/cpu/<op>_kernel.cpp, its
-// CUDA kernel in csrc/cuda/<op>_kernel.cu; the autograd of the losses is csrc/autograd.cpp and
-// sokd/native.py adds the fake tensors.
+// CUDA kernel in csrc/cuda/<op>_kernel.cu, or, when it is composed of other ops, one kernel for
+// every device in csrc/composite/<op>_kernel.cpp; the autograd of the losses is
+// csrc/autograd.cpp and sokd/native.py adds the fake tensors.
 //
 // The loss ops return (loss, grad_student), both in the accumulation dtype (csrc/accumulation.h):
 // the fused kernels compute the gradient in the same pass as the loss, and backward only scales
