@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+import torch
+
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 # The ops of SoKD, and those of language-model distillation (docs/algorithm.md §7).
 SOKD_OPS = ("masked_feature_loss", "kd_loss", "decoupled_kd_loss", "interest_map",
@@ -64,8 +66,6 @@ def _load_triton() -> ModuleType:
 
 
 def _gpu_missing() -> str | None:
-    import torch
-
     return None if torch.cuda.is_available() else "torch sees no GPU"
 
 
@@ -315,8 +315,6 @@ def backend_for(op, device):
     ...) that is always the reference: the kernel backends run as fused autograd functions,
     which functorch cannot transform, and the reference computes the same values in plain
     PyTorch ops, which it can (to any order)."""
-    import torch
-
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return _load("reference")
     return resolve(op, device)

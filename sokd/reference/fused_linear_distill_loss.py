@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .logit_distill_loss import Divergence, Reduction, logit_distill_loss
+from .logit_distill_loss import logit_distill_loss
 
 
 def fused_linear_distill_loss(
@@ -18,22 +18,14 @@ def fused_linear_distill_loss(
     teacher_bias: Tensor | None = None,
     *,
     chunk_size: int | None = None,
-    divergence: Divergence = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    labels: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: Reduction = "mean",
-    num_items: Tensor | None = None,
-    vocab_size: int | None = None,
+    **options: object,
 ) -> Tensor:
-    """logit_distill_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, ...) on N x D hidden rows. The
-    reference makes all N x V logits at once, so chunk_size does not apply."""
+    """logit_distill_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, **options) on N x D hidden rows,
+    with the options of logit_distill_loss. The reference makes all N x V logits at once, so
+    chunk_size does not apply."""
     del chunk_size
     return logit_distill_loss(
         F.linear(student_hidden, student_weight, student_bias),
         F.linear(teacher_hidden, teacher_weight, teacher_bias),
-        divergence=divergence, beta=beta, temperature=temperature, labels=labels,
-        ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-        vocab_size=vocab_size,
+        **options,
     )
